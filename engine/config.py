@@ -1,0 +1,371 @@
+"""Typed configuration: nested dataclasses, loaded from YAML, overridden from the CLI.
+
+Every user mistake (unknown key, wrong type, impossible layout) raises `ConfigError`
+with one line that names the key, the value and the fix. Entry points turn it into
+exit code 2; nothing here ever lets a bad value travel into torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake. The message is one line and says the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """The language backbone. Names follow Hugging Face's Llama/Qwen configs."""
+
+    backbone: str = "dense"
+    """Registered backbone name."""
+    vocab_size: int = 2048
+    """Embedding rows; also the size the project's sentencepiece tokenizer is trained to."""
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    """Fewer KV heads than query heads = grouped-query attention."""
+    head_dim: Optional[int] = None
+    """Per-head width; None = hidden_size // num_heads (Qwen3 sets it explicitly)."""
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    """None, {type: linear, factor: F} or Llama 3's {type: llama3, factor, low_freq_factor,
+    high_freq_factor, original_max_position_embeddings}."""
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    qk_norm: bool = False
+    """RMSNorm on each head's queries and keys (Qwen3)."""
+    attention_bias: bool = False
+    """Bias on the Q/K/V projections (Qwen2)."""
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    attention_backend: str = "auto"
+    """auto (flash-attn on CUDA where installed, else SDPA), sdpa, flash_attn, eager."""
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of each parallelism; their product must equal the world size."""
+
+    dp_replicate: int = 1
+    """HSDP replica groups (gradients all-reduced between them)."""
+    dp_shard: int = -1
+    """FSDP shard degree; -1 = whatever is left of the world size."""
+    sp_size: int = 1
+    """Ulysses sequence-parallel degree."""
+    sp_async: bool = False
+    """Overlap the Ulysses all-to-alls with the Q/K/V projections."""
+    ep_size: int = 1
+    """Expert-parallel degree, carved out of dp_shard x sp."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in the backward pass."""
+    backend: str = "auto"
+    """Process-group backend: auto (nccl on CUDA, else gloo), nccl, gloo or fake."""
+    fake_world_size: int = 1
+    """World size the `fake` backend pretends to have (one process, no real traffic)."""
+    fake_rank: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shakespeare"
+    seq_len: int = 256
+    global_batch_size: int = 16
+    """Sequences per optimizer step, identical whatever the parallel layout."""
+    micro_batch_size: int = 0
+    """Sequences per forward pass on one rank; 0 = the whole local batch (no accumulation)."""
+    cache_dir: str = "~/.cache/omni-engine"
+    """Where the corpus, tokenizer and token arrays are cached."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    seed: int = 0
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Max global gradient norm over the whole mesh; 0 disables clipping."""
+    dtype: str = "fp32"
+    """fp32, or bf16 (bf16 compute with fp32 master weights and fp32 gradient reduction)."""
+    output_dir: str = "outputs/default"
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms and fixed thread count, for bit-stable reruns."""
+    log_interval: int = 1
+    tensorboard: bool = True
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu or cuda."""
+    progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100
+    """Save every N optimizer steps (and always at the end); 0 = only at the end."""
+    resume: str = "auto"
+    """auto = latest complete checkpoint in output_dir, none, or a checkpoint directory."""
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_CHOICES = {
+    "model.backbone": ("dense",),
+    "model.attention_backend": ("auto", "sdpa", "flash_attn", "eager"),
+    "parallel.backend": ("auto", "nccl", "gloo", "fake"),
+    "train.dtype": ("fp32", "bf16"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def _section_class(name: str) -> type:
+    return {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,
+            "train": TrainConfig, "checkpoint": CheckpointConfig}[name]
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s in _SECTIONS for f in dataclasses.fields(_section_class(s))]
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else " (see engine/config.py for the valid keys)"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert `value` to the field's type, or raise a ConfigError naming key and value."""
+    hints = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    if hints:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        annotation = next(h for h in hints if h is not type(None))
+    expected = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    bad = ConfigError(f"config key '{key}' expects {expected}, got {value!r}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise bad
+    if annotation is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if annotation is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if annotation is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise bad
+        return str(value)
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    raise AssertionError(f"unhandled config type {annotation} for {key}")
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in _SECTIONS:
+        raise _unknown(key)
+    section = getattr(cfg, parts[0])
+    types_by_name = typing.get_type_hints(type(section))
+    if parts[1] not in types_by_name:
+        raise _unknown(key)
+    setattr(section, parts[1], _coerce(key, value, types_by_name[parts[1]]))
+
+
+def _flatten(tree: dict, source: str) -> dict[str, Any]:
+    flat = {}
+    for section, values in tree.items():
+        if section not in _SECTIONS:
+            raise _unknown(str(section))
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' in {source} must be a mapping of keys, got {values!r}")
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def parse_overrides(argv: list[str]) -> tuple[Optional[str], list[tuple[str, str]]]:
+    """Split `--config PATH` and `--section.key=value` / `--section.key value` arguments."""
+    config_path, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}': use --section.key=value or --config PATH")
+        body = arg[2:]
+        if "=" in body:
+            key, value = body.split("=", 1)
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"argument '{arg}' needs a value: write {arg}=VALUE")
+            key, value = body, argv[i + 1]
+            i += 1
+        if key == "config":
+            config_path = value
+        else:
+            overrides.append((key, value))
+        i += 1
+    return config_path, overrides
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[tuple[str, str]]] = None) -> Config:
+    """Defaults, then the YAML file, then CLI overrides (values parsed as YAML scalars)."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist: pass an existing YAML file to --config")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f" at line {line + 1}" if line is not None else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML{where}: fix its syntax") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{path}' must be a mapping of sections (model, parallel, data, train, checkpoint)")
+        for key, value in _flatten(tree, path).items():
+            _set(cfg, key, value)
+    for key, raw in overrides or []:
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no knowledge of the world size."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
+    m, d, t, c, p = cfg.model, cfg.data, cfg.train, cfg.checkpoint, cfg.parallel
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.hidden_size": m.hidden_size,
+        "model.intermediate_size": m.intermediate_size, "model.num_layers": m.num_layers,
+        "model.num_heads": m.num_heads, "model.num_kv_heads": m.num_kv_heads,
+        "data.seq_len": d.seq_len, "data.global_batch_size": d.global_batch_size,
+        "train.steps": t.steps, "parallel.dp_replicate": p.dp_replicate,
+        "parallel.sp_size": p.sp_size, "parallel.ep_size": p.ep_size,
+        "parallel.fake_world_size": p.fake_world_size, "train.log_interval": t.log_interval,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    if m.vocab_size < 64:
+        raise ConfigError(f"config key 'model.vocab_size' must be >= 64 for the tokenizer, got {m.vocab_size}")
+    if p.dp_shard == 0 or p.dp_shard < -1:
+        raise ConfigError(f"config key 'parallel.dp_shard' must be >= 1 or -1 (fill), got {p.dp_shard}")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"config key 'model.num_kv_heads'={m.num_kv_heads} must divide model.num_heads={m.num_heads}")
+    if m.head_dim is None and m.hidden_size % m.num_heads:
+        raise ConfigError(f"config key 'model.hidden_size'={m.hidden_size} is not divisible by model.num_heads="
+                          f"{m.num_heads}: change one of them or set model.head_dim")
+    if (m.head_dim or m.hidden_size // m.num_heads) % 2:
+        raise ConfigError("config key 'model.head_dim' must be even for rotary embeddings")
+    if m.rope_scaling is not None:
+        kind = m.rope_scaling.get("type", m.rope_scaling.get("rope_type"))
+        if kind not in ("linear", "llama3", "default"):
+            raise ConfigError(f"config key 'model.rope_scaling' has unsupported type {kind!r}: use linear or llama3")
+        if "factor" not in m.rope_scaling and kind != "default":
+            raise ConfigError("config key 'model.rope_scaling' needs a 'factor'")
+    if t.lr <= 0:
+        raise ConfigError(f"config key 'train.lr' must be > 0, got {t.lr}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {t.min_lr_ratio}")
+    if t.warmup_steps < 0 or t.grad_clip < 0 or t.weight_decay < 0:
+        raise ConfigError("config keys 'train.warmup_steps', 'train.grad_clip', 'train.weight_decay' must be >= 0")
+    if d.micro_batch_size < 0:
+        raise ConfigError(f"config key 'data.micro_batch_size' must be >= 0, got {d.micro_batch_size}")
+    if c.interval < 0:
+        raise ConfigError(f"config key 'checkpoint.interval' must be >= 0, got {c.interval}")
+    if c.resume not in ("auto", "none") and not Path(c.resume).is_dir():
+        raise ConfigError(f"config key 'checkpoint.resume' is {c.resume!r}: use auto, none, or an existing checkpoint directory")
+    if p.sp_size > 1:
+        raise ConfigError(f"config key 'parallel.sp_size'={p.sp_size}: Ulysses sequence parallelism is not available "
+                          "in this build yet; use parallel.sp_size=1")
+    if p.ep_size > 1:
+        raise ConfigError(f"config key 'parallel.ep_size'={p.ep_size}: expert parallelism needs a mixture-of-experts "
+                          "backbone, which this build does not have yet; use parallel.ep_size=1")
+
+
+def resolve_layout(cfg: Config, world_size: int) -> dict[str, int]:
+    """Fill dp_shard=-1 and check that the degrees multiply to the world size."""
+    p, d = cfg.parallel, cfg.data
+    fixed = p.dp_replicate * p.sp_size
+    if p.dp_shard == -1:
+        if world_size % fixed:
+            raise ConfigError(f"parallel layout impossible: world size {world_size} is not divisible by "
+                              f"parallel.dp_replicate*parallel.sp_size = {fixed}; change the degrees or the number of processes")
+        dp_shard = world_size // fixed
+    else:
+        dp_shard = p.dp_shard
+    if fixed * dp_shard != world_size:
+        raise ConfigError(f"parallel layout impossible: dp_replicate({p.dp_replicate}) x dp_shard({dp_shard}) x "
+                          f"sp_size({p.sp_size}) = {fixed * dp_shard} but the world size is {world_size}; "
+                          "set parallel.dp_shard=-1 to fill, or launch that many processes")
+    dp = p.dp_replicate * dp_shard
+    if d.global_batch_size % dp:
+        raise ConfigError(f"config key 'data.global_batch_size'={d.global_batch_size} is not divisible by the "
+                          f"data-parallel degree {dp} (dp_replicate x dp_shard); pick a multiple of {dp}")
+    local = d.global_batch_size // dp
+    micro = d.micro_batch_size or local
+    if local % micro:
+        raise ConfigError(f"config key 'data.micro_batch_size'={micro} does not divide the per-rank batch {local} "
+                          f"(data.global_batch_size / {dp} ranks); pick a divisor of {local}")
+    return {"dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "sp": p.sp_size, "ep": p.ep_size,
+            "dp": dp, "local_batch": local, "micro_batch": micro, "grad_accum": local // micro}
+
+
+def expand_path(path: str) -> Path:
+    return Path(os.path.expandvars(os.path.expanduser(path)))

@@ -1,0 +1,95 @@
+"""Dense decoder-only transformer covering Llama, Qwen2 and Qwen3.
+
+Readable top to bottom; no parallelism here. Hooks for the parallel layer:
+- `Attention.attention_fn` on every block (Ulysses wraps it),
+- `blocks` is a ModuleDict so FSDP / activation checkpointing wrap each block by name,
+- `init_param_(name, tensor, generator)` fills any parameter deterministically from its
+  name, so a sharded model materialised shard by shard equals the one-process model.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.config import ModelConfig
+from engine.ops.attention import AttentionFn, AttentionMeta
+
+from .layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU
+
+
+class DenseBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, head_dim: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, head_dim,
+                                   bias=cfg.attention_bias, qk_norm=cfg.qk_norm, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, meta: AttentionMeta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DenseTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = RotaryEmbedding(self.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.blocks = nn.ModuleDict({str(i): DenseBlock(cfg, self.head_dim) for i in range(cfg.num_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    # ---- hooks -------------------------------------------------------------------------
+    def set_attention_fn(self, fn: AttentionFn) -> None:
+        for block in self.blocks.values():
+            block.self_attn.attention_fn = fn
+
+    def init_param_(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
+        """Fill the full-size `tensor` for parameter `name` (GPT-2 style scaled init)."""
+        std = self.cfg.init_std
+        if name.endswith("norm.weight"):
+            tensor.fill_(1.0)
+        elif name.endswith(".bias"):
+            tensor.zero_()
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            tensor.normal_(0.0, std / (2 * self.cfg.num_layers) ** 0.5, generator=generator)
+        else:
+            tensor.normal_(0.0, std, generator=generator)
+
+    def reset_buffers(self) -> None:
+        self.rotary.reset_buffers()
+
+    # ---- forward -----------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                doc_ids: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [B, S, V]. `doc_ids` [B, S] enables document masking for packed rows."""
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        b, s, _ = h.shape
+        if position_ids is None:
+            position_ids = torch.arange(s, device=h.device)[None].expand(b, s)
+        cos, sin = self.rotary(position_ids, h.dtype)
+        meta = AttentionMeta(doc_ids=doc_ids)
+        for block in self.blocks.values():
+            h = block(h, cos, sin, meta)
+        h = self.norm(h)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, weight)
+
+    # ---- accounting --------------------------------------------------------------------
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x matmul params + attention (PaLM appendix B)."""
+        c = self.cfg
+        dense = sum(p.numel() for n, p in self.named_parameters() if "embed_tokens" not in n)
+        if c.tie_embeddings:
+            dense += c.vocab_size * c.hidden_size
+        return 6 * dense + 12 * c.num_layers * c.num_heads * self.head_dim * seq_len

@@ -1,0 +1,103 @@
+"""Attention kernels behind one signature, with document (packed-sequence) masking.
+
+Every implementation takes q [B, Hq, S, D], k/v [B, Hkv, S, D] and an `AttentionMeta`
+describing which document each token belongs to, and returns [B, Hq, S, D]. Tokens
+attend causally and only within their own document. Model code receives one of these
+as a plain callable; the parallel layer may wrap it (Ulysses) without the model knowing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "AttentionMeta"], torch.Tensor]
+
+
+@dataclass
+class AttentionMeta:
+    """Per-forward attention metadata, shared by all layers (the mask is built once)."""
+
+    doc_ids: Optional[torch.Tensor]
+    """[B, S] document index per token, or None for one document per row."""
+    _mask: Optional[torch.Tensor] = field(default=None, repr=False)
+    _varlen: Optional[tuple] = field(default=None, repr=False)
+
+    def bool_mask(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        """[B or 1, 1, S, S] boolean mask: True where attention is allowed."""
+        if self._mask is None:
+            causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+            if self.doc_ids is None:
+                self._mask = causal[None, None]
+            else:
+                same_doc = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]
+                self._mask = (same_doc & causal)[:, None]
+        return self._mask
+
+    def varlen(self) -> tuple[torch.Tensor, int]:
+        """(cu_seqlens int32 over the flattened batch, max document length)."""
+        if self._varlen is None:
+            doc = self.doc_ids
+            b, s = doc.shape
+            starts = torch.ones_like(doc, dtype=torch.bool)
+            starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+            idx = torch.nonzero(starts.flatten(), as_tuple=True)[0]
+            cu = torch.cat([idx, idx.new_tensor([b * s])]).to(torch.int32)
+            self._varlen = (cu, int((cu[1:] - cu[:-1]).max()))
+        return self._varlen
+
+
+def _expand_kv(k: torch.Tensor, v: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rep = n_heads // k.shape[1]
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+
+def sdpa_attention(q, k, v, meta: AttentionMeta) -> torch.Tensor:
+    k, v = _expand_kv(k, v, q.shape[1])
+    if meta.doc_ids is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=meta.bool_mask(q.shape[2], q.device))
+
+
+def eager_attention(q, k, v, meta: AttentionMeta) -> torch.Tensor:
+    """Reference implementation (explicit softmax in fp32); slow, used to check the others."""
+    k, v = _expand_kv(k, v, q.shape[1])
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~meta.bool_mask(q.shape[2], q.device), float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def flash_attention(q, k, v, meta: AttentionMeta) -> torch.Tensor:
+    """flash-attn's varlen kernel: packed documents without materialising an S x S mask."""
+    from flash_attn import flash_attn_varlen_func  # GPU-only; imported lazily
+
+    b, h, s, d = q.shape
+    if meta.doc_ids is None:
+        meta = AttentionMeta(doc_ids=torch.arange(b, device=q.device)[:, None].expand(b, s))
+    cu, max_len = meta.varlen()
+    flat = lambda t: t.transpose(1, 2).reshape(b * s, t.shape[1], d)  # noqa: E731
+    out = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, max_len, max_len, causal=True)
+    return out.reshape(b, s, h, d).transpose(1, 2)
+
+
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def get_attention_fn(backend: str, device_type: str) -> AttentionFn:
+    if backend == "auto":
+        backend = "flash_attn" if device_type == "cuda" and flash_attn_available() else "sdpa"
+    if backend == "flash_attn" and not flash_attn_available():
+        raise ValueError("model.attention_backend=flash_attn needs the flash-attn package and a CUDA device; "
+                         "install the [gpu] extra or use model.attention_backend=sdpa")
+    return {"sdpa": sdpa_attention, "eager": eager_attention, "flash_attn": flash_attention}[backend]

@@ -1,0 +1,41 @@
+"""FSDP2 / HSDP and activation checkpointing, applied per transformer block from outside."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def mixed_precision(dtype: str) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 master weights and fp32 gradient reduction; fp32 = no casting."""
+    if dtype == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def apply_activation_checkpointing(blocks: nn.ModuleDict) -> None:
+    for name, block in list(blocks.items()):
+        blocks[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_fsdp(model: nn.Module, blocks: nn.ModuleDict, mesh: DeviceMesh, dtype: str) -> None:
+    """One FSDP unit per block plus the root (embeddings, final norm, head).
+
+    The gradient divide factor is 1: the training loss is already normalised by the global
+    number of target tokens, so gradients must be summed over ranks, never averaged.
+    """
+    policy = mixed_precision(dtype)
+    for name, block in blocks.items():
+        # The last block's parameters are needed right away in backward: keep them gathered.
+        last = name == list(blocks.keys())[-1]
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=not last)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM

@@ -1,0 +1,39 @@
+"""Materialise a meta-device model shard by shard, identically for every layout.
+
+Each parameter is filled from a generator seeded by (seed, parameter name), so rank r of
+an FSDP run holds exactly the rows that the one-process model has. Like Megatron's CPU
+initialisation, one full parameter at a time is generated and sliced (the peak is the
+largest single tensor, never the whole model).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def _clean(name: str) -> str:
+    # Wrappers (activation checkpointing, compile) add prefixes that must not change seeds.
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
+    model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        name = _clean(name)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        full = torch.empty(param.shape, dtype=torch.float32)
+        model.init_param_(name, full, gen)
+        if isinstance(param, DTensor):
+            # src_data_rank=None: every rank already holds the same full tensor; slice locally.
+            shard = distribute_tensor(full.to(device), param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(shard.to_local())
+        else:
+            param.copy_(full)
+    for module in model.modules():
+        if hasattr(module, "reset_buffers") and module is not model:
+            module.reset_buffers()

@@ -1,0 +1,101 @@
+"""Per-step metrics: metrics.jsonl, TensorBoard events, the console progress bar, MFU."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device (vendor data sheets, without sparsity). Devices not
+# listed get mfu=null: an invented peak would make the number meaningless.
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,  # SXM; the PCIe card is lower, matched first below
+    "H100 PCIe": 756e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "B200": 2250e12,
+}
+
+
+def device_peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory of this rank: CUDA max allocated on GPU, peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 2**20
+
+
+def gpu_utilization(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml  # nvidia-ml-py, GPU extra
+    except ImportError:
+        return None
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+    return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+
+
+class MetricsLogger:
+    """Writes on rank 0 only; other ranks hold a no-op logger."""
+
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, total_steps: int, start_step: int,
+                 progress_bar: bool):
+        self.enabled = enabled
+        self.file = None
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(output_dir / "metrics.jsonl", "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        if progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
+                            dynamic_ncols=True)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.file is not None:
+            self.file.close()
