@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from engine.comm import DistContext, barrier
@@ -57,6 +58,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _first_line(e: BaseException) -> str:
+    if isinstance(e, CheckpointException):  # wraps the per-rank failures
+        inner = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+        if inner:
+            e = inner[0]
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 class CheckpointManager:
@@ -98,8 +108,8 @@ class CheckpointManager:
         state = {"model": model_sd, "optim": optim_sd, "trainer": dict(trainer_state)}
         try:
             dcp.load(state, checkpoint_id=str(path))
-        except Exception as e:  # DCP raises many types; the user needs the path and a fix
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except (Exception, CheckpointException) as e:  # DCP's own exception is a BaseException
+            first = _first_line(e)
             raise CheckpointError(f"checkpoint {path} could not be loaded ({type(e).__name__}: {first[:200]}); "
                                   "it may be corrupt or from a different model config: use checkpoint.resume=none "
                                   "or point checkpoint.resume at another step_* directory") from e

@@ -1,0 +1,40 @@
+"""Run pretrain_omni.py as users do (plain python, or torchrun with gloo) and read its metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "examples" / "configs" / "tiny_dense.yaml")
+
+
+def train(output_dir: Path, nproc: int = 1, *overrides: str, config: str = TINY, timeout: int = 300,
+          expect_rc: int = 0) -> list[dict]:
+    """Train and return the metrics.jsonl records; fails with the process output on error."""
+    if nproc == 1:
+        cmd = [sys.executable, str(ROOT / "pretrain_omni.py")]
+    else:  # --standalone picks a free localhost port
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "pretrain_omni.py")]
+    cmd += ["--config", config, f"--train.output_dir={output_dir}", "--train.progress_bar=false", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    assert proc.returncode == expect_rc, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    metrics = Path(output_dir) / "metrics.jsonl"
+    if expect_rc != 0:
+        return [{"stderr": proc.stderr}]
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def losses(records: list[dict]) -> list[float]:
+    return [r["loss"] for r in records]
+
+
+def assert_close(a: list[float], b: list[float], rel: float) -> None:
+    assert len(a) == len(b), (a, b)
+    worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+    assert worst <= rel, f"relative difference {worst:.2e} > {rel:.0e}\n{a}\n{b}"
