@@ -92,7 +92,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 250
     seed: int = 0
     lr: float = 3e-3
     min_lr_ratio: float = 0.1

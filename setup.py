@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="omni-engine",
+    version="0.1.0",
+    description="PyTorch-native engine for training omni-modal LLMs with FSDP/HSDP, Ulysses SP and EP",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine", "engine.*"]),
+    py_modules=["pretrain_omni"],
+    # torch is deliberately a range: on a CPU machine install `torch==2.13.0` first (or in the
+    # same pip call) so the local CPU build satisfies it and no CUDA wheels are pulled.
+    install_requires=[
+        "torch>=2.6",
+        "numpy",
+        "pyyaml",
+        "sentencepiece",
+        "tqdm",
+        "tensorboard",
+        "safetensors",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "transformers>=4.51"],
+        # Need CUDA to build or run; never installed on CPU machines.
+        "gpu": ["flash-attn", "transformer-engine[pytorch]", "nvidia-ml-py"],
+    },
+)
