@@ -113,6 +113,8 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu or cuda."""
     progress_bar: bool = True
+    compile: bool = False
+    """torch.compile each transformer block (after activation checkpointing, before FSDP)."""
 
 
 @dataclass
@@ -331,9 +333,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'checkpoint.interval' must be >= 0, got {c.interval}")
     if c.resume not in ("auto", "none") and not Path(c.resume).is_dir():
         raise ConfigError(f"config key 'checkpoint.resume' is {c.resume!r}: use auto, none, or an existing checkpoint directory")
-    if p.sp_size > 1:
-        raise ConfigError(f"config key 'parallel.sp_size'={p.sp_size}: Ulysses sequence parallelism is not available "
-                          "in this build yet; use parallel.sp_size=1")
+    if m.num_heads % p.sp_size:
+        raise ConfigError(f"config key 'parallel.sp_size'={p.sp_size} must divide model.num_heads={m.num_heads} "
+                          "(Ulysses splits attention heads over the SP group); pick a divisor")
+    if m.num_kv_heads % p.sp_size and p.sp_size % m.num_kv_heads:
+        raise ConfigError(f"config key 'parallel.sp_size'={p.sp_size} and model.num_kv_heads={m.num_kv_heads}: one "
+                          "must divide the other (KV heads are split, or replicated when fewer than sp_size)")
     if p.ep_size > 1:
         raise ConfigError(f"config key 'parallel.ep_size'={p.ep_size}: expert parallelism needs a mixture-of-experts "
                           "backbone, which this build does not have yet; use parallel.ep_size=1")

@@ -1,9 +1,10 @@
 """Bottom layer: process-group backends and counted collectives. Knows nothing of models."""
 
+from .all_to_all import PendingAllToAll, all_to_all, start_all_to_all
 from .backends import BACKENDS, DistContext, init_distributed, register_backend, shutdown
 from .collectives import STATS, CommStats, all_gather_into_tensor, all_reduce, all_to_all_single, barrier, \
     broadcast_object, reduce_scatter_tensor
 
-__all__ = ["BACKENDS", "DistContext", "init_distributed", "register_backend", "shutdown", "STATS", "CommStats",
+__all__ = ["PendingAllToAll", "all_to_all", "start_all_to_all", "BACKENDS", "DistContext", "init_distributed", "register_backend", "shutdown", "STATS", "CommStats",
            "all_gather_into_tensor", "all_reduce", "all_to_all_single", "barrier", "broadcast_object",
            "reduce_scatter_tensor"]

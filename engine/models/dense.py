@@ -47,9 +47,12 @@ class DenseTransformer(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     # ---- hooks -------------------------------------------------------------------------
+    def attention_modules(self) -> list:
+        return [block.self_attn for block in self.blocks.values()]
+
     def set_attention_fn(self, fn: AttentionFn) -> None:
-        for block in self.blocks.values():
-            block.self_attn.attention_fn = fn
+        for attn in self.attention_modules():
+            attn.attention_fn = fn
 
     def init_param_(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
         """Fill the full-size `tensor` for parameter `name` (GPT-2 style scaled init)."""
@@ -71,14 +74,17 @@ class DenseTransformer(nn.Module):
         return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                doc_ids: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits [B, S, V]. `doc_ids` [B, S] enables document masking for packed rows."""
+                doc_ids: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
+                attn_meta: Optional[AttentionMeta] = None) -> torch.Tensor:
+        """Logits [B, S, V]. `doc_ids` [B, S] enables document masking for packed rows;
+        `attn_meta` (given by the parallel layer) describes the full sequence when this
+        forward only sees a shard of it."""
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, s, _ = h.shape
         if position_ids is None:
             position_ids = torch.arange(s, device=h.device)[None].expand(b, s)
         cos, sin = self.rotary(position_ids, h.dtype)
-        meta = AttentionMeta(doc_ids=doc_ids)
+        meta = attn_meta if attn_meta is not None else AttentionMeta(doc_ids=doc_ids)
         for block in self.blocks.values():
             h = block(h, cos, sin, meta)
         h = self.norm(h)

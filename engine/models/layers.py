@@ -7,7 +7,7 @@ fp32, SwiGLU), so that weights map one to one and logits match.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -77,7 +77,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """GQA self-attention. `attention_fn` is a hook: the parallel layer may replace it."""
+    """GQA self-attention with two hooks for the parallel layer:
+
+    - `attention_fn(q, k, v, meta)`: the kernel (SDPA, flash-attn, ...);
+    - `forward_impl(module, x, cos, sin, meta)`: replaces the whole forward when a recipe
+      must interleave communication with the projections (async Ulysses). It builds on
+      `project()` and `output()`, so the math stays defined here.
+    """
 
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  bias: bool = False, qk_norm: bool = False, eps: float = 1e-6):
@@ -90,21 +96,34 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.attention_fn: AttentionFn = sdpa_attention
+        self.forward_impl: Optional[Callable] = None
 
-    def _heads(self, x: torch.Tensor, proj: nn.Linear, n: int, norm: Optional[RMSNorm]) -> torch.Tensor:
+    def project(self, x: torch.Tensor, which: str, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Queries, keys or values as [B, heads, S, D]; RoPE (and QK-norm) applied."""
         b, s, _ = x.shape
+        proj, n, norm = {"q": (self.q_proj, self.n_heads, self.q_norm), "k": (self.k_proj, self.n_kv_heads, self.k_norm),
+                         "v": (self.v_proj, self.n_kv_heads, None)}[which]
         t = proj(x).view(b, s, n, self.head_dim)
         if norm is not None:
             t = norm(t)
-        return t.transpose(1, 2)  # [B, H, S, D]
+        t = t.transpose(1, 2)
+        return t if which == "v" else apply_rope(t, cos, sin)
+
+    def output(self, out: torch.Tensor, heads: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """o_proj of [B, H, S, D]; with `heads` (global head ids of `out`'s H) the partial
+        projection of just those heads, so that head groups can be projected as they arrive."""
+        b, h, s, d = out.shape
+        flat = out.transpose(1, 2).reshape(b, s, h * d)
+        if heads is None:
+            return self.o_proj(flat)
+        cols = (heads[:, None] * d + torch.arange(d, device=heads.device)).flatten()
+        return F.linear(flat, self.o_proj.weight[:, cols])
 
     def forward(self, x, cos, sin, meta: AttentionMeta) -> torch.Tensor:
-        b, s, _ = x.shape
-        q = apply_rope(self._heads(x, self.q_proj, self.n_heads, self.q_norm), cos, sin)
-        k = apply_rope(self._heads(x, self.k_proj, self.n_kv_heads, self.k_norm), cos, sin)
-        v = self._heads(x, self.v_proj, self.n_kv_heads, None)
-        out = self.attention_fn(q, k, v, meta)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+        if self.forward_impl is not None:
+            return self.forward_impl(self, x, cos, sin, meta)
+        q, k, v = (self.project(x, w, cos, sin) for w in "qkv")
+        return self.output(self.attention_fn(q, k, v, meta))
 
 
 class SwiGLU(nn.Module):

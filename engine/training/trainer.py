@@ -27,6 +27,7 @@ from engine.data import build_text_dataset
 from engine.data.packing import micro_batches
 from engine.models import build_backbone
 from engine.parallel import ParallelDims, materialize, parallelize
+from engine.parallel.ulysses import shard_batch
 
 from .metrics import MetricsLogger, device_peak_flops, gpu_utilization, memory_gb
 from .optimizer import build_optimizer, build_scheduler, clip_grad_norm_
@@ -90,26 +91,40 @@ class Trainer:
     def trainer_state(self) -> dict:
         return {"step": self.step, "scheduler": self.scheduler.state_dict(), "config": json.dumps(self.cfg.to_dict())}
 
-    def train_step(self) -> dict:
-        cfg, lay = self.cfg, self.layout
-        t0 = time.perf_counter()
+    def prepare_batch(self, batch: dict) -> dict:
+        """Move to the device; under SP keep this rank's sequence shard."""
+        batch = {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
+        if self.dims.sp > 1:
+            batch = shard_batch(batch, self.meshes.sp.get_local_rank(), self.dims.sp)
+        return batch
+
+    def forward_backward(self) -> tuple[torch.Tensor, float]:
+        """Gradients of this step's global batch; returns (this rank's loss sum, global targets)."""
+        cfg = self.cfg
         batches = micro_batches(self.dataset, self.step, cfg.data.global_batch_size, self.dp_rank,
-                                self.dims.dp, lay["micro_batch"])
+                                self.dims.dp, self.layout["micro_batch"])
         dev = self.ctx.device
+        batches = [self.prepare_batch(b) for b in batches]
         local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)
         counts = torch.tensor([float(local_targets)], dtype=torch.float64, device=dev)
-        all_reduce(counts, axis="world")  # every target token lives on exactly one rank
+        all_reduce(counts, axis="world")  # every target token lives on exactly one rank (dp x sp)
         global_targets = counts.item()
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         for i, batch in enumerate(batches):
-            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
             if self.fsdp:  # reduce-scatter gradients only after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(batches) - 1)
             with self.autocast():
-                logits = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
+                logits = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"],
+                                    attn_meta=batch.get("attn_meta"))
             loss = token_loss_sum(logits, batch["labels"])
             (loss / global_targets).backward()
             loss_sum += loss.detach().double()
+        return loss_sum, global_targets
+
+    def train_step(self) -> dict:
+        cfg, dev = self.cfg, self.ctx.device
+        t0 = time.perf_counter()
+        loss_sum, global_targets = self.forward_backward()
         grad_norm = clip_grad_norm_(self.model, cfg.train.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
