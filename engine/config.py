@@ -51,8 +51,28 @@ class ModelConfig:
     """Bias on the Q/K/V projections (Qwen2)."""
     tie_embeddings: bool = False
     init_std: float = 0.02
+    num_experts: int = 0
+    """Routed experts per MoE layer (backbone: moe); 0 = every MLP is dense."""
+    num_experts_per_tok: int = 2
+    """Top-k experts per token."""
+    moe_intermediate_size: int = 128
+    norm_topk_prob: bool = True
+    """Renormalise the top-k router probabilities to sum to 1 (Qwen3-MoE)."""
+    decoder_sparse_step: int = 1
+    """Every N-th layer is MoE (Hugging Face's decoder_sparse_step)."""
+    mlp_only_layers: list = field(default_factory=list)
+    """Layer indices that keep a dense MLP (Hugging Face's mlp_only_layers)."""
+    router_aux_loss_coef: float = 0.001
+    """Coefficient of the Switch-style load-balancing loss (over the global batch)."""
+    router_z_loss_coef: float = 0.0
+    """Coefficient of the router z-loss (ST-MoE); 0 disables it."""
+    shared_expert_intermediate_size: int = 0
+    """Width of a sigmoid-gated shared expert (Qwen2-MoE); 0 = none."""
     attention_backend: str = "auto"
     """auto (flash-attn on CUDA where installed, else SDPA), sdpa, flash_attn, eager."""
+    init_from: Optional[str] = None
+    """Start training from these weights: a Hugging Face folder (config.json + safetensors) or one written by
+    tools/convert_hf_checkpoint.py import. Loaded shard by shard after materialisation; ignored when resuming."""
 
 
 @dataclass
@@ -69,6 +89,10 @@ class ParallelConfig:
     """Overlap the Ulysses all-to-alls with the Q/K/V projections."""
     ep_size: int = 1
     """Expert-parallel degree, carved out of dp_shard x sp."""
+    ep_overlap: bool = False
+    """Overlapped EP dispatcher: chunk i's experts compute while chunk i+1's tokens travel."""
+    ep_chunks: int = 2
+    """Chunks of the overlapped dispatcher."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass."""
     backend: str = "auto"
@@ -140,7 +164,7 @@ class Config:
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _CHOICES = {
-    "model.backbone": ("dense",),
+    "model.backbone": ("dense", "moe"),
     "model.attention_backend": ("auto", "sdpa", "flash_attn", "eager"),
     "parallel.backend": ("auto", "nccl", "gloo", "fake"),
     "train.dtype": ("fp32", "bf16"),
@@ -204,6 +228,15 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, (dict, list)) or value is None:
             raise bad
         return str(value)
+    if annotation is list:
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        try:
+            return [int(v) for v in value]
+        except (TypeError, ValueError):
+            raise bad from None
     if annotation is dict:
         if not isinstance(value, dict):
             raise bad
@@ -299,7 +332,7 @@ def validate(cfg: Config) -> None:
         "data.seq_len": d.seq_len, "data.global_batch_size": d.global_batch_size,
         "train.steps": t.steps, "parallel.dp_replicate": p.dp_replicate,
         "parallel.sp_size": p.sp_size, "parallel.ep_size": p.ep_size,
-        "parallel.fake_world_size": p.fake_world_size, "train.log_interval": t.log_interval,
+        "parallel.fake_world_size": p.fake_world_size, "parallel.ep_chunks": p.ep_chunks, "train.log_interval": t.log_interval,
     }
     for key, value in positive.items():
         if value < 1:
@@ -339,9 +372,22 @@ def validate(cfg: Config) -> None:
     if m.num_kv_heads % p.sp_size and p.sp_size % m.num_kv_heads:
         raise ConfigError(f"config key 'parallel.sp_size'={p.sp_size} and model.num_kv_heads={m.num_kv_heads}: one "
                           "must divide the other (KV heads are split, or replicated when fewer than sp_size)")
-    if p.ep_size > 1:
-        raise ConfigError(f"config key 'parallel.ep_size'={p.ep_size}: expert parallelism needs a mixture-of-experts "
-                          "backbone, which this build does not have yet; use parallel.ep_size=1")
+    if m.backbone == "moe":
+        if m.num_experts < 1:
+            raise ConfigError("config key 'model.num_experts' must be >= 1 with model.backbone=moe")
+        if not 1 <= m.num_experts_per_tok <= m.num_experts:
+            raise ConfigError(f"config key 'model.num_experts_per_tok'={m.num_experts_per_tok} must be in "
+                              f"[1, model.num_experts={m.num_experts}]")
+        if m.moe_intermediate_size < 1 or m.decoder_sparse_step < 1:
+            raise ConfigError("config keys 'model.moe_intermediate_size' and 'model.decoder_sparse_step' must be >= 1")
+        if m.num_experts % p.ep_size:
+            raise ConfigError(f"config key 'parallel.ep_size'={p.ep_size} must divide model.num_experts="
+                              f"{m.num_experts} (each EP rank owns num_experts / ep_size experts)")
+    elif p.ep_size > 1:
+        raise ConfigError(f"config key 'parallel.ep_size'={p.ep_size} needs a mixture-of-experts backbone: "
+                          "set model.backbone=moe (and model.num_experts) or parallel.ep_size=1")
+    elif m.num_experts:
+        raise ConfigError(f"config key 'model.num_experts'={m.num_experts} needs model.backbone=moe")
 
 
 def resolve_layout(cfg: Config, world_size: int) -> dict[str, int]:
@@ -359,6 +405,9 @@ def resolve_layout(cfg: Config, world_size: int) -> dict[str, int]:
         raise ConfigError(f"parallel layout impossible: dp_replicate({p.dp_replicate}) x dp_shard({dp_shard}) x "
                           f"sp_size({p.sp_size}) = {fixed * dp_shard} but the world size is {world_size}; "
                           "set parallel.dp_shard=-1 to fill, or launch that many processes")
+    if (dp_shard * p.sp_size) % p.ep_size:
+        raise ConfigError(f"parallel layout impossible: parallel.ep_size={p.ep_size} must divide dp_shard x sp_size = "
+                          f"{dp_shard * p.sp_size} (experts are sharded over ranks carved out of those)")
     dp = p.dp_replicate * dp_shard
     if d.global_batch_size % dp:
         raise ConfigError(f"config key 'data.global_batch_size'={d.global_batch_size} is not divisible by the "

@@ -116,3 +116,28 @@ def broadcast_object(obj, src: int = 0, group: Optional[ProcessGroup] = None):
 def barrier(group: Optional[ProcessGroup] = None) -> None:
     if group_size(group) > 1:
         dist.barrier(group=group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the group; the gradient of every rank's input is the sum of all ranks' output
+    gradients (each rank's value was used by every rank)."""
+
+    @staticmethod
+    def forward(ctx, t, group, axis):
+        ctx.args = (group, axis)
+        out = t.clone()
+        all_reduce(out, group, axis)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, axis = ctx.args
+        grad = grad.clone()
+        all_reduce(grad, group, axis)
+        return grad, None, None
+
+
+def all_reduce_autograd(t: torch.Tensor, group: Optional[ProcessGroup] = None, axis: str = "world") -> torch.Tensor:
+    if group_size(group) == 1:
+        return t
+    return _AllReduceSum.apply(t, group, axis)

@@ -9,8 +9,9 @@ import torch.nn as nn
 from engine.config import ModelConfig
 
 from .dense import DenseTransformer
+from .moe import MoETransformer
 
-BACKBONES: dict[str, Callable[[ModelConfig], nn.Module]] = {"dense": DenseTransformer}
+BACKBONES: dict[str, Callable[[ModelConfig], nn.Module]] = {"dense": DenseTransformer, "moe": MoETransformer}
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:

@@ -52,7 +52,13 @@ class ParallelDims:
                                     mesh_dim_names=("dp_replicate", "dp_shard_sp"))
         else:
             fsdp = shard
-        return Meshes(world=world, dp=dp, fsdp=fsdp, sp=world["sp"])
+        meshes = Meshes(world=world, dp=dp, fsdp=fsdp, sp=world["sp"])
+        if self.ep > 1:
+            from .expert_parallel import build_ep_meshes
+
+            meshes.ep, meshes.expert_fsdp = build_ep_meshes(device_type, self.dp_replicate, self.dp_shard * self.sp,
+                                                            self.ep)
+        return meshes
 
 
 @dataclass
@@ -62,6 +68,7 @@ class Meshes:
     fsdp: DeviceMesh
     sp: DeviceMesh
     ep: Optional[DeviceMesh] = None
+    expert_fsdp: Optional[DeviceMesh] = None
 
     @property
     def dp_rank(self) -> int:

@@ -23,13 +23,17 @@ def apply_activation_checkpointing(blocks: nn.ModuleDict) -> None:
         blocks[name] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
-def apply_fsdp(model: nn.Module, blocks: nn.ModuleDict, mesh: DeviceMesh, dtype: str) -> None:
-    """One FSDP unit per block plus the root (embeddings, final norm, head).
+def apply_fsdp(model: nn.Module, blocks: nn.ModuleDict, mesh: DeviceMesh, dtype: str,
+               experts: list[nn.Module] = (), expert_mesh: DeviceMesh | None = None) -> None:
+    """One FSDP unit per block plus the root (embeddings, final norm, head); expert weights
+    (under expert parallelism) are their own units on the expert mesh.
 
     The gradient divide factor is 1: the training loss is already normalised by the global
     number of target tokens, so gradients must be summed over ranks, never averaged.
     """
     policy = mixed_precision(dtype)
+    for module in experts:
+        fully_shard(module, mesh=expert_mesh, mp_policy=policy)
     for name, block in blocks.items():
         # The last block's parameters are needed right away in backward: keep them gathered.
         last = name == list(blocks.keys())[-1]

@@ -20,14 +20,26 @@ def _clean(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
+def _params_with_global_rows(model: nn.Module):
+    """(name, param, (global shape, first row) or None) for every parameter. Expert
+    parallelism keeps a block of rows of a larger tensor and records it in `global_rows`."""
+    for mod_name, module in model.named_modules():
+        rows = getattr(module, "global_rows", {})
+        for pname, param in module.named_parameters(recurse=False):
+            yield (f"{mod_name}.{pname}" if mod_name else pname), param, rows.get(pname)
+
+
 @torch.no_grad()
 def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
     model.to_empty(device=device)
-    for name, param in model.named_parameters():
+    for name, param, rows in _params_with_global_rows(model):
         name = _clean(name)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        full = torch.empty(param.shape, dtype=torch.float32)
+        shape, first = rows if rows is not None else (param.shape, 0)
+        full = torch.empty(shape, dtype=torch.float32)
         model.init_param_(name, full, gen)
+        if rows is not None:  # this rank's experts: the rows it owns of the global tensor
+            full = full[first:first + param.shape[0]]
         if isinstance(param, DTensor):
             # src_data_rank=None: every rank already holds the same full tensor; slice locally.
             shard = distribute_tensor(full.to(device), param.device_mesh, param.placements, src_data_rank=None)

@@ -1,8 +1,11 @@
 """Apply a parallel recipe to a model built on the meta device, in a fixed order.
 
 1. attention hooks: the kernel, and the Ulysses forward when sp > 1,
-2. activation checkpointing per block,
-3. FSDP / HSDP per block, then the root.
+2. MoE hooks: router statistics reduced over the global batch; under EP, experts sharded
+   (still on meta) and the all-to-all dispatcher set,
+3. activation checkpointing per block,
+4. torch.compile per block (optional),
+5. FSDP / HSDP per block, then the root; expert weights on their own (ep_fsdp) mesh.
 Model code is never edited: only hooks and wrappers are set from here.
 """
 
@@ -15,6 +18,7 @@ from engine.ops.attention import get_attention_fn
 
 from .compile import apply_compile
 from .dims import Meshes, ParallelDims
+from .expert_parallel import apply_expert_parallel, apply_router_stats_reduction
 from .fsdp import apply_activation_checkpointing, apply_fsdp
 from .ulysses import apply_ulysses
 
@@ -23,10 +27,18 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshe
     model.set_attention_fn(get_attention_fn(cfg.model.attention_backend, device_type))
     if meshes is not None and dims.sp > 1:
         apply_ulysses(model.attention_modules(), meshes.sp, cfg.parallel.sp_async)
+    moe_layers = model.moe_layers() if hasattr(model, "moe_layers") else {}
+    if meshes is not None and moe_layers:
+        # every rank holds distinct tokens of the global batch: the default (world) group
+        apply_router_stats_reduction(moe_layers, None, dims.world_size)
+        if dims.ep > 1:
+            apply_expert_parallel(moe_layers, meshes.ep, cfg.model.num_experts,
+                                  cfg.parallel.ep_chunks if cfg.parallel.ep_overlap else 1)
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model.blocks)
     if cfg.train.compile:
         apply_compile(model.blocks)
     if meshes is not None and dims.fsdp_enabled:
-        apply_fsdp(model, model.blocks, meshes.fsdp, cfg.train.dtype)
+        experts = [m.experts for m in moe_layers.values()] if dims.ep > 1 else []
+        apply_fsdp(model, model.blocks, meshes.fsdp, cfg.train.dtype, experts, meshes.expert_fsdp)
     return model

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from engine.comm import all_reduce
 from engine.config import TrainConfig
 
 
@@ -38,12 +39,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
-    """Global L2 norm over every rank's shards (DTensor reductions span the whole mesh)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
-    return float(total)
+def clip_grad_norm_(model: nn.Module, max_norm: float, replicas: int = 1) -> float:
+    """Global L2 norm over every rank's gradient shards, then clip in place.
+
+    Parameters live on different meshes (experts on the EP mesh, the rest on the FSDP
+    mesh), so the norm is summed from local shards over the whole world: every element is
+    held by exactly `replicas` ranks (the HSDP replica groups), so the sum is divided by it.
+    """
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+             for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    sq = torch.stack([g.double().pow(2).sum() for g in grads]).sum().reshape(1)
+    all_reduce(sq, axis="world")
+    total = float(sq.item() / replicas) ** 0.5
+    if max_norm > 0 and total > max_norm:
+        torch._foreach_mul_(grads, max_norm / (total + 1e-6))
+    return total

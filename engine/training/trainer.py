@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.checkpoint import CheckpointManager
+from engine.checkpoint.hf import load_weights_
 from engine.comm import STATS, DistContext, all_reduce, init_distributed, shutdown
 from engine.config import Config, expand_path, resolve_layout
 from engine.data import build_text_dataset
@@ -67,6 +68,7 @@ class Trainer:
             model = build_backbone(cfg.model)
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
         self.n_params = sum(p.numel() for p in model.parameters())
+        self.is_moe = hasattr(model, "moe_layers") and bool(model.moe_layers())
         self.model = parallelize(model, cfg, self.dims, self.meshes, ctx.device.type)
         materialize(self.model, ctx.device, cfg.train.seed)
         self.fsdp = self.meshes is not None and self.dims.fsdp_enabled
@@ -79,6 +81,8 @@ class Trainer:
         self.ckpt = CheckpointManager(self.output_dir, ctx, cfg.checkpoint.interval, cfg.checkpoint.enabled)
         self.step = 0
         resume_from = self.ckpt.resolve_resume(cfg.checkpoint.resume)
+        if resume_from is None and cfg.model.init_from:  # pretrained weights, each rank keeps its shards
+            load_weights_(self.model, expand_path(cfg.model.init_from), expect=cfg.model)
         if resume_from is not None:
             state = self.ckpt.load(resume_from, self.model, self.optimizer, self.trainer_state())
             self.step = int(state["step"])
@@ -98,6 +102,18 @@ class Trainer:
             batch = shard_batch(batch, self.meshes.sp.get_local_rank(), self.dims.sp)
         return batch
 
+    def moe_metrics(self) -> dict:
+        """Load-balancing loss and, per MoE layer, tokens per expert (global batch) and
+        the imbalance max / mean."""
+        if not self.is_moe:
+            return {}
+        all_reduce(self.aux_sum, axis="world")
+        counts = {name.replace("_checkpoint_wrapped_module.", "").replace(".mlp", ""): m.tokens_per_expert
+                  for name, m in self.model.moe_layers().items()}
+        return {"aux_loss": self.aux_sum.item(),
+                "moe_tokens_per_expert": {k: [int(x) for x in v.tolist()] for k, v in counts.items()},
+                "moe_imbalance": {k: float(v.max() / v.mean()) for k, v in counts.items()}}
+
     def forward_backward(self) -> tuple[torch.Tensor, float]:
         """Gradients of this step's global batch; returns (this rank's loss sum, global targets)."""
         cfg = self.cfg
@@ -110,6 +126,7 @@ class Trainer:
         all_reduce(counts, axis="world")  # every target token lives on exactly one rank (dp x sp)
         global_targets = counts.item()
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        self.aux_sum = torch.zeros((), dtype=torch.float64, device=dev)
         for i, batch in enumerate(batches):
             if self.fsdp:  # reduce-scatter gradients only after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(batches) - 1)
@@ -117,7 +134,12 @@ class Trainer:
                 logits = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"],
                                     attn_meta=batch.get("attn_meta"))
             loss = token_loss_sum(logits, batch["labels"])
-            (loss / global_targets).backward()
+            objective = loss / global_targets
+            if self.is_moe:  # load balancing: this rank's share of the global-batch loss
+                aux = self.model.aux_loss() / len(batches)
+                objective = objective + aux
+                self.aux_sum += aux.detach().double()
+            objective.backward()
             loss_sum += loss.detach().double()
         return loss_sum, global_targets
 
@@ -125,12 +147,13 @@ class Trainer:
         cfg, dev = self.cfg, self.ctx.device
         t0 = time.perf_counter()
         loss_sum, global_targets = self.forward_backward()
-        grad_norm = clip_grad_norm_(self.model, cfg.train.grad_clip)
+        grad_norm = clip_grad_norm_(self.model, cfg.train.grad_clip, self.dims.dp_replicate)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         all_reduce(loss_sum, axis="world")
+        moe = self.moe_metrics()
         self.step += 1
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -140,7 +163,7 @@ class Trainer:
         mfu = None if self.peak_flops is None else self.flops_per_token * tps / (self.peak_flops * self.ctx.world_size)
         return {"step": self.step, "loss": loss_sum.item() / global_targets, "grad_norm": grad_norm, "lr": lr,
                 "tokens": tokens, "target_tokens": int(global_targets), "tokens_per_s": tps, "mfu": mfu,
-                "mem_gb": memory_gb(dev), "gpu_util": gpu_utilization(dev), "step_time_s": dt}
+                "mem_gb": memory_gb(dev), "gpu_util": gpu_utilization(dev), "step_time_s": dt, **moe}
 
     def fit(self) -> list[dict]:
         cfg = self.cfg

@@ -1,0 +1,485 @@
+"""Hugging Face interop for the dense backbone (Llama, Qwen2, Qwen3): configs, names, weights.
+
+Our parameter names are Hugging Face's without the `model.` prefix (and `blocks.` for
+`model.layers.`), so the mapping is a rename. Weights are only ever read from safetensors,
+one tensor at a time (`safe_open`), never with pickle or remote code:
+
+- `load_pretrained(path)` builds a one-process `DenseTransformer` from a folder,
+- `load_weights_(model, path)` fills an already built, possibly FSDP-sharded model in
+  place: each rank reads one full tensor at a time and keeps only its own shard (the
+  peak is the largest tensor, never the model), like `engine.parallel.materialize`.
+
+A folder is either a Hugging Face one (`config.json`, `model.safetensors` or
+`model-0000i-of-0000n.safetensors` + index) or one written by
+`tools/convert_hf_checkpoint.py import` (`config.yaml`, `weights*.safetensors` with our
+names). Every problem is a one-line `HFCheckpointError` (a `ValueError`) saying the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from engine.config import ModelConfig
+from engine.models.dense import DenseTransformer
+
+from .manager import CheckpointError
+from .safetensors_io import TensorSpec, read_header
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+_ROPE_TYPES = ("default", "linear", "llama3")
+# Keys some Hugging Face checkpoints carry that are not parameters (recomputed buffers).
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+class HFCheckpointError(CheckpointError):
+    """A Hugging Face folder or imported checkpoint that cannot be used; one line with the fix."""
+
+
+class UnsupportedArchitectureError(HFCheckpointError):
+    pass
+
+
+class MissingShardError(HFCheckpointError):
+    pass
+
+
+class ShapeMismatchError(HFCheckpointError):
+    pass
+
+
+class KeyMismatchError(HFCheckpointError):
+    pass
+
+
+# ---- names -----------------------------------------------------------------------------
+def hf_to_ours(name: str) -> str:
+    if name.startswith("model.layers."):
+        return "blocks." + name[len("model.layers."):]
+    if name.startswith("model."):
+        return name[len("model."):]
+    return name  # lm_head.weight
+
+
+def ours_to_hf(name: str) -> str:
+    if name.startswith("blocks."):
+        return "model.layers." + name[len("blocks."):]
+    if name.startswith("lm_head."):
+        return name
+    return "model." + name
+
+
+def clean_name(name: str) -> str:
+    """Drop the prefixes that wrappers (activation checkpointing, compile) add to parameter names."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+# ---- configs ---------------------------------------------------------------------------
+def _rope_from_hf(hf: dict, source: str) -> tuple[float, Optional[dict]]:
+    """(rope_theta, rope_scaling) from transformers 5's `rope_parameters` or 4.x's top-level keys."""
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = dict(hf.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", legacy.get("rope_theta", 10000.0))))
+    scaling = {k: v for k, v in ({**legacy, **params}).items() if k not in ("rope_theta", "type", "rope_type")}
+    kind = params.get("rope_type", params.get("type", legacy.get("rope_type", legacy.get("type", "default"))))
+    if kind not in _ROPE_TYPES:
+        raise UnsupportedArchitectureError(f"{source}: rope type {kind!r} is not supported: supported rope types are "
+                                           f"{', '.join(_ROPE_TYPES)}")
+    if kind == "default":
+        return theta, None
+    keep = ("factor",) if kind == "linear" else ("factor", "low_freq_factor", "high_freq_factor",
+                                                 "original_max_position_embeddings")
+    return theta, {"rope_type": kind, **{k: scaling[k] for k in keep if k in scaling}}
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    """Our ModelConfig from a Hugging Face `config.json` dict."""
+    archs = hf.get("architectures") or [None]
+    arch = archs[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"{source}: architecture {arch!r} is not supported by the dense backbone: supported architectures are "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+    def need(key: str):
+        if hf.get(key) is None:
+            raise HFCheckpointError(f"{source} lacks '{key}', which a {arch} config must have: add it to config.json")
+        return hf[key]
+
+    def unsupported(what: str) -> UnsupportedArchitectureError:
+        return UnsupportedArchitectureError(f"{source}: {arch} with {what} is not supported by the dense backbone: "
+                                            "use a checkpoint without it")
+
+    if hf.get("hidden_act", "silu") != "silu":
+        raise unsupported(f"hidden_act={hf['hidden_act']!r} (only silu)")
+    if hf.get("mlp_bias"):
+        raise unsupported("mlp_bias=true")
+    if arch == "Qwen2ForCausalLM":
+        bias, qk_norm = True, False  # Qwen2 always has Q/K/V biases and no O bias
+        if hf.get("use_sliding_window"):
+            raise unsupported("use_sliding_window=true")
+    else:  # Llama and Qwen3 put `attention_bias` on o_proj as well, which our blocks lack
+        if hf.get("attention_bias"):
+            raise unsupported("attention_bias=true (a bias on o_proj too)")
+        bias, qk_norm = False, arch == "Qwen3ForCausalLM"
+    hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+    kv_heads = int(hf.get("num_key_value_heads") or heads)
+    if heads % kv_heads:
+        raise HFCheckpointError(f"{source}: num_key_value_heads={kv_heads} does not divide "
+                                f"num_attention_heads={heads}: fix config.json")
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and int(head_dim) == hidden // heads and hidden % heads == 0:
+        head_dim = None  # the default; keeps configs comparable
+    theta, scaling = _rope_from_hf(hf, source)
+    return ModelConfig(
+        vocab_size=int(need("vocab_size")), hidden_size=hidden, intermediate_size=int(need("intermediate_size")),
+        num_layers=int(need("num_hidden_layers")), num_heads=heads, num_kv_heads=kv_heads,
+        head_dim=None if head_dim is None else int(head_dim), rope_theta=theta, rope_scaling=scaling,
+        max_position_embeddings=int(hf.get("max_position_embeddings") or 4096),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qk_norm=qk_norm, attention_bias=bias,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+def hf_architecture(cfg: ModelConfig) -> str:
+    """The Hugging Face class that computes exactly what `cfg` does."""
+    if cfg.qk_norm and cfg.attention_bias:
+        raise UnsupportedArchitectureError("model.qk_norm=true together with model.attention_bias=true matches none of "
+                                           f"{', '.join(SUPPORTED_ARCHITECTURES)}: export needs one of them off")
+    return "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.attention_bias else "LlamaForCausalLM"
+
+
+def hf_config_from_model(cfg: ModelConfig, dtype: torch.dtype, template: Optional[dict] = None,
+                         token_ids: Optional[dict] = None) -> dict:
+    """A `config.json` dict for `cfg`; other keys (token ids, ...) are kept from `template`."""
+    arch = hf_architecture(cfg)
+    out = dict(template or {})
+    if out.get("architectures", [arch])[0] != arch:  # another family: its extra keys would not apply
+        out = {k: out[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in out}
+    for key in ("rope_theta", "rope_scaling", "torch_dtype", "transformers_version"):
+        out.pop(key, None)
+    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    if cfg.rope_scaling:
+        kind = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type", "default"))
+        rope.update({k: v for k, v in cfg.rope_scaling.items() if k not in ("type", "rope_type")}, rope_type=kind)
+    out.update(
+        architectures=[arch], model_type=_MODEL_TYPES[arch], vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim or cfg.hidden_size // cfg.num_heads, hidden_act="silu",
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters=rope, tie_word_embeddings=cfg.tie_embeddings, dtype=str(dtype).removeprefix("torch."))
+    if arch == "LlamaForCausalLM":
+        out.update(attention_bias=False, mlp_bias=False)
+    elif arch == "Qwen3ForCausalLM":
+        out.update(attention_bias=False)
+    if arch != "LlamaForCausalLM":
+        out.update(use_sliding_window=False, sliding_window=None)
+        out.pop("layer_types", None)
+    out.update(token_ids or {})
+    return dict(sorted(out.items()))
+
+
+_COMPARED = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+             "rope_theta", "rope_scaling", "rms_norm_eps", "qk_norm", "attention_bias", "tie_embeddings")
+
+
+def _normalised(cfg: ModelConfig, key: str):
+    if key == "head_dim":
+        return cfg.head_dim or cfg.hidden_size // cfg.num_heads
+    if key == "rope_scaling":
+        s = cfg.rope_scaling or {}
+        kind = s.get("rope_type", s.get("type", "default"))
+        return None if kind == "default" else {"rope_type": kind, **{k: v for k, v in s.items()
+                                                                     if k not in ("type", "rope_type")}}
+    return getattr(cfg, key)
+
+
+def check_config_matches(saved: ModelConfig, run: ModelConfig, what: str, run_name: str = "the run config") -> None:
+    """The run's model config must compute what the checkpoint holds (shape-free keys such as rope_theta included).
+
+    `what` starts the message, e.g. "model.init_from=DIR holds a model with"."""
+    for key in _COMPARED:
+        a, b = _normalised(saved, key), _normalised(run, key)
+        same = math.isclose(a, b, rel_tol=1e-9) if isinstance(a, float) and isinstance(b, float) else a == b
+        if not same:
+            value = json.dumps(a) if isinstance(a, dict) else a
+            raise HFCheckpointError(f"{what} model.{key}={value} but {run_name} has {b}: set --model.{key}={value} "
+                                    "(or use the config that came with the weights)")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = DenseTransformer(cfg)
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+# ---- folders ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class Entry:
+    name: str
+    """Our parameter name."""
+    source: str
+    """The tensor's name in its file."""
+    file: Path
+    spec: TensorSpec
+
+
+class WeightFolder:
+    """The safetensors files of a Hugging Face folder or of an imported one, read header-only."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise HFCheckpointError(f"{path} is not a directory: pass a folder with config.json and model.safetensors "
+                                    "(or one written by tools/convert_hf_checkpoint.py import)")
+        for prefix, fmt in (("weights", "omni"), ("model", "hf")):
+            files = self._find(prefix)
+            if files:
+                self.format, self.files = fmt, files
+                break
+        else:
+            pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+            if pickles:
+                raise HFCheckpointError(f"{self.path} holds only PyTorch pickle weights ({pickles[0]}): only safetensors "
+                                        "are read; re-save them with save_pretrained(dir, safe_serialization=True)")
+            raise HFCheckpointError(f"{self.path} has no model.safetensors or model.safetensors.index.json: pass a "
+                                    "Hugging Face model folder saved with safetensors")
+        self.entries: list[Entry] = []
+        for f in self.files:
+            specs, _ = read_header(f)
+            for s in specs:
+                if not _IGNORED.search(s.name):
+                    name = hf_to_ours(s.name) if self.format == "hf" else s.name
+                    self.entries.append(Entry(name, s.name, f, s))
+        self._config: Optional[ModelConfig] = None
+
+    def _find(self, prefix: str) -> list[Path]:
+        index = self.path / f"{prefix}.safetensors.index.json"
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError):
+                raise HFCheckpointError(f"{index} is not a valid safetensors index (no weight_map): "
+                                        "re-download or re-save the model") from None
+        elif (self.path / f"{prefix}.safetensors").is_file():
+            return [self.path / f"{prefix}.safetensors"]
+        else:  # shards without their index: the names still say how many there must be
+            found = sorted(p.name for p in self.path.glob(f"{prefix}-*-of-*.safetensors"))
+            if not found:
+                return []
+            n = int(re.search(r"-of-(\d+)\.safetensors$", found[0]).group(1))
+            names = [f"{prefix}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+            index = self.path
+        for name in names:
+            if not (self.path / name).is_file():
+                raise MissingShardError(f"shard {name} listed by {index.name} is missing from {self.path}: copy or "
+                                        "download it again (every shard of the checkpoint is needed)")
+        return [self.path / n for n in names]
+
+    def model_config(self) -> ModelConfig:
+        if self._config is None:
+            if self.format == "hf":
+                path = self.path / "config.json"
+                if not path.is_file():
+                    raise HFCheckpointError(f"{self.path} has no config.json: a Hugging Face folder needs the config "
+                                            "that save_pretrained writes")
+                self._config = config_from_hf(json.loads(path.read_text()), str(path))
+            else:
+                from engine.config import load_config
+                path = self.path / "config.yaml"
+                if not path.is_file():
+                    raise HFCheckpointError(f"{self.path} has no config.yaml: re-run tools/convert_hf_checkpoint.py "
+                                            "import to rebuild the folder")
+                self._config = load_config(str(path)).model
+        return self._config
+
+    def plan(self, expected: dict[str, tuple[int, ...]], tied: bool) -> list[Entry]:
+        """The entries to load into a model with parameters `expected`; checks keys and shapes first."""
+        entries = [e for e in self.entries if not (tied and e.name == "lm_head.weight")]
+        present = {e.name for e in entries}
+        unexpected = sorted(present - set(expected))
+        if unexpected:
+            shown = ", ".join(_display(n, self.format) for n in unexpected[:4])
+            raise KeyMismatchError(f"{self.path} has {len(unexpected)} unexpected tensor(s) ({shown}) that the model "
+                                   "does not have: its config (layers, qk_norm, attention_bias, tie_word_embeddings) "
+                                   "does not match the weights; fix the config or the checkpoint")
+        missing = [n for n in expected if n not in present]
+        if missing:
+            shown = ", ".join(_display(n, self.format) for n in missing[:4])
+            raise KeyMismatchError(f"{self.path} lacks {len(missing)} tensor(s) the model needs ({shown}): the "
+                                   "checkpoint is incomplete or saved for another config; re-save it or fix the config")
+        by_name = {e.name: e for e in entries}
+        for e in (by_name[n] for n in expected):  # model order: the first layer's first mismatch is reported
+            if e.spec.shape != tuple(expected[e.name]):
+                raise ShapeMismatchError(
+                    f"tensor '{e.source}' in {e.file.name} has shape {tuple(e.spec.shape)} but the model expects "
+                    f"{tuple(expected[e.name])}: the weights do not match the config (hidden_size, intermediate_size, "
+                    "heads, head_dim, vocab_size); fix the config or use matching weights")
+        return entries
+
+
+def _display(name: str, fmt: str) -> str:
+    return f"'{ours_to_hf(name) if fmt == 'hf' else name}'"
+
+
+def as_folder(source: str | Path | WeightFolder) -> WeightFolder:
+    return source if isinstance(source, WeightFolder) else WeightFolder(source)
+
+
+# ---- loading ---------------------------------------------------------------------------
+@torch.no_grad()
+def load_weights_(model: nn.Module, source: str | Path | WeightFolder,
+                  expect: Optional[ModelConfig] = None) -> int:
+    """Copy the weights of `source` into `model` in place, streaming one tensor at a time.
+
+    Parameters may be FSDP DTensors: each rank reads the full tensor and keeps its own shard
+    (`src_data_rank=None`: no communication, every rank reads the same bytes). With `expect`,
+    the run's model config is first checked against the checkpoint's. Returns bytes read.
+    """
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if expect is not None and not isinstance(source, WeightFolder) and not Path(source).is_dir():
+        raise HFCheckpointError(f"model.init_from={source} is not a directory: pass a Hugging Face folder "
+                                "(config.json + safetensors) or one written by tools/convert_hf_checkpoint.py import")
+    folder = as_folder(source)
+    if expect is not None:
+        check_config_matches(folder.model_config(), expect, f"model.init_from={folder.path} holds a model with")
+    params = {clean_name(n): p for n, p in model.named_parameters()}
+    entries = folder.plan({n: tuple(p.shape) for n, p in params.items()}, tied="lm_head.weight" not in params)
+    total = 0
+    for file in folder.files:
+        todo = [e for e in entries if e.file == file]
+        if not todo:
+            continue
+        with safe_open(str(file), framework="pt") as f:
+            for e in todo:
+                full, param = f.get_tensor(e.source), params[e.name]
+                total += full.numel() * full.element_size()
+                if isinstance(param, DTensor):
+                    full = full.to(device=param.device, dtype=param.dtype)
+                    shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+                    param.to_local().copy_(shard.to_local())
+                else:
+                    param.copy_(full)
+                del full
+    log.info("loaded %d tensors (%.1f MB) from %s", len(entries), total / 1e6, folder.path)
+    return total
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> DenseTransformer:
+    """A `DenseTransformer` with the weights of a Hugging Face (or imported) folder; `model(input_ids)` -> logits."""
+    folder = WeightFolder(path)
+    cfg = folder.model_config()
+    with torch.device("meta"):
+        model = DenseTransformer(cfg)
+    model.to(dtype)
+    model.to_empty(device=device)
+    for module in model.modules():
+        if hasattr(module, "reset_buffers") and module is not model:
+            module.reset_buffers()
+    load_weights_(model, folder)
+    return model.eval()
+
+
+# ---- tokenizers ------------------------------------------------------------------------
+class JsonTokenizer:
+    """A `tokenizer.json` (Hugging Face `tokenizers`) with the interface of engine.data's `Tokenizer`."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as _Tokenizer
+
+        self.path = path
+        self._tok = _Tokenizer.from_file(str(path))
+        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        special = {}
+        config = path.parent / "tokenizer_config.json"
+        if config.is_file():
+            special = json.loads(config.read_text())
+        ids = {}
+        for role in ("bos", "eos", "pad", "unk"):
+            token = special.get(f"{role}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            ids[role] = self._tok.token_to_id(token) if token else None
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = ids["bos"], ids["eos"], ids["pad"], ids["unk"]
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts, num_threads: int = 2) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"JsonTokenizer(vocab_size={self.vocab_size}, path={self.path})"
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece `.model` that lacks some special ids (e.g. Llama 2's, no pad)."""
+
+    def __init__(self, path: Path):
+        import sentencepiece as spm
+
+        self.path, self._sp = path, spm.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size: int = self._sp.get_piece_size()
+        ids = (self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id(), self._sp.unk_id())
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = (i if i >= 0 else None for i in ids)
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts, num_threads: int = 2) -> list[list[int]]:
+        return self._sp.encode(list(texts), num_threads=num_threads)
+
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+def load_tokenizer(path: str | Path):
+    """A tokenizer from `tokenizer.json`, a sentencepiece `.model`, or a folder holding either.
+
+    Returns an object with `encode`, `decode`, `vocab_size`, `bos_id`, `eos_id`, `pad_id`
+    (engine.data's `Tokenizer` for our own sentencepiece models).
+    """
+    from engine.data.tokenizer import Tokenizer
+
+    path = Path(path)
+    if path.is_dir():
+        models = sorted(path.glob("*.model"))
+        choice = path / "tokenizer.json" if (path / "tokenizer.json").is_file() else \
+            path / "tokenizer.model" if (path / "tokenizer.model").is_file() else models[0] if models else None
+        if choice is None:
+            raise HFCheckpointError(f"{path} has no tokenizer.json or sentencepiece .model file: pass the tokenizer "
+                                    "file itself, or a folder that holds one")
+        path = choice
+    if not path.is_file():
+        raise HFCheckpointError(f"tokenizer {path} does not exist: pass a tokenizer.json, a sentencepiece .model, "
+                                "or a folder holding one")
+    if path.suffix == ".json":
+        try:
+            return JsonTokenizer(path)
+        except Exception as e:  # tokenizers raises its own Exception type for bad files
+            raise HFCheckpointError(f"{path} is not a valid tokenizer.json ({str(e).splitlines()[0][:120]}): pass "
+                                    "the tokenizer.json that transformers or tokenizers saved") from None
+    if path.suffix != ".model":
+        raise HFCheckpointError(f"tokenizer {path} is neither tokenizer.json nor a sentencepiece .model: pass one of them")
+    try:
+        return Tokenizer.from_file(path)
+    except ValueError as e:
+        if "lacks a bos, eos or pad id" not in str(e):
+            raise HFCheckpointError(str(e)) from None
+        return SentencePieceTokenizer(path)
