@@ -20,9 +20,22 @@ def grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, counts: torch.Tensor) ->
         return x.new_zeros((0, weight_t.shape[-1]))
     if hasattr(torch, "_grouped_mm") and _grouped_mm_ok(x):
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        return torch._grouped_mm(x, weight_t, offs=offs)
+        return _ContiguousGrad.apply(torch._grouped_mm(x, weight_t, offs=offs))
     outs = [xe @ weight_t[e] for e, xe in enumerate(torch.split(x, counts.tolist())) if xe.shape[0]]
     return torch.cat(outs) if outs else x.new_zeros((0, weight_t.shape[-1]))
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient dense: the CPU grouped-GEMM backward
+    rejects the stride-0 gradients that broadcasting ops (e.g. a plain .sum()) produce."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 _GROUPED_OK: dict[tuple, bool] = {}

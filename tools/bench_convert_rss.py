@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Peak RSS of `convert_hf_checkpoint.py import/export` on a multi-shard checkpoint (run by hand).
+
+    python tools/bench_convert_rss.py [--workdir /tmp/rss] [--hidden 1024 --layers 12 --vocab 32000]
+
+Builds a random Llama with transformers, saves it with max_shard_size=100MB, imports it,
+writes a 2-rank FSDP DCP checkpoint of it (loaded with `model.init_from`'s streaming
+loader), exports that, and prints peak RSS above each process's baseline (RSS after
+imports) against the largest input file. Writes the table as JSON to WORKDIR/rss.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs in a fresh process: imports, records the baseline, resets the peak, converts, reports.
+_MEASURE = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {root!r})
+    import torch, safetensors.torch
+    import torch.distributed.checkpoint
+    from engine.checkpoint.convert import export_hf, import_hf
+    from engine.checkpoint.safetensors_io import parse_size
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    base = status("VmRSS:")
+    open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+    {call}
+    print(json.dumps({{"baseline": base, "peak": status("VmHWM:")}}))
+""")
+
+_DCP_WRITER = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, {root!r})
+    import torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from engine.checkpoint.hf import WeightFolder, load_weights_
+    from engine.models.dense import DenseTransformer
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    folder = WeightFolder({hf!r})
+    with torch.device("meta"):
+        model = DenseTransformer(folder.model_config())
+    for block in model.blocks.values():
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.to_local().zero_()  # page in this rank's shards: the baseline includes them
+    base = status("VmRSS:")
+    open("/proc/self/clear_refs", "w").write("5")
+    load_weights_(model, folder)
+    peak = status("VmHWM:")
+    dcp.save({{"model": get_model_state_dict(model)}}, checkpoint_id={out!r})
+    print(json.dumps({{"rank": dist.get_rank(), "baseline": base, "peak": peak}}))
+    del model
+    dist.destroy_process_group()
+""")
+
+
+def run_python(code: str, nproc: int = 1) -> list[dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    if nproc == 1:
+        cmd = [sys.executable, "-c", code]
+    else:
+        script = Path(env.get("TMPDIR", "/tmp")) / "bench_convert_rss_worker.py"
+        script.write_text(code)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode:
+        sys.exit(f"failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def largest(path: Path, pattern: str) -> int:
+    return max(p.stat().st_size for p in path.glob(pattern))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default="/tmp/omni_rss")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--shard", default="100MB")
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    hf, imp, dcp_dir, exp = work / "hf", work / "imported", work / "dcp" / "step_00000001", work / "exported"
+    if not (hf / "model.safetensors.index.json").is_file():
+        run_python(textwrap.dedent(f"""
+            import torch
+            from transformers import LlamaConfig, AutoModelForCausalLM
+            torch.manual_seed(0)
+            cfg = LlamaConfig(vocab_size={args.vocab}, hidden_size={args.hidden}, intermediate_size={args.intermediate},
+                              num_hidden_layers={args.layers}, num_attention_heads=16, num_key_value_heads=8)
+            AutoModelForCausalLM.from_config(cfg).save_pretrained({str(hf)!r}, max_shard_size={args.shard!r})
+        """))
+    mb = 1e6
+    rows = []
+    r = run_python(_MEASURE.format(root=str(ROOT), call=f"import_hf({str(hf)!r}, {str(imp)!r})"))[0]
+    rows.append(("import", largest(hf, "*.safetensors"), r))
+    ranks = run_python(_DCP_WRITER.format(root=str(ROOT), hf=str(hf), out=str(dcp_dir)), nproc=2)
+    for r in sorted(ranks, key=lambda r: r["rank"]):
+        rows.append((f"init_from load, FSDP rank {r['rank']}/2", max(largest(hf, "*.safetensors"), 0), r))
+    (work / "config.yaml").write_text((imp / "config.yaml").read_text())
+    call = (f"export_hf({str(dcp_dir)!r}, {str(exp)!r}, config={str(work / 'config.yaml')!r}, "
+            f"max_shard_size=parse_size({args.shard!r}))")
+    r = run_python(_MEASURE.format(root=str(ROOT), call=call))[0]
+    rows.append(("export (DCP, 2 files)", largest(dcp_dir, "*.distcp"), r))
+    total = sum(p.stat().st_size for p in hf.glob("*.safetensors"))
+    print(f"model: {total / mb:.0f} MB in {len(list(hf.glob('*.safetensors')))} safetensors shards "
+          f"(largest {largest(hf, '*.safetensors') / mb:.0f} MB); export wrote {len(list(exp.glob('*.safetensors')))} "
+          f"shards (largest {largest(exp, '*.safetensors') / mb:.0f} MB)")
+    print(f"{'step':32s} {'baseline MB':>12s} {'peak MB':>9s} {'peak-base':>10s} {'largest input':>14s} {'ratio':>6s}")
+    out = []
+    for name, biggest, r in rows:
+        delta = r["peak"] - r["baseline"]
+        print(f"{name:32s} {r['baseline'] / mb:12.0f} {r['peak'] / mb:9.0f} {delta / mb:10.0f} {biggest / mb:14.0f} "
+              f"{delta / biggest:6.2f}")
+        out.append({"step": name, "baseline_bytes": r["baseline"], "peak_bytes": r["peak"], "largest_input_bytes": biggest})
+    (work / "rss.json").write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
