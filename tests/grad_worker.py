@@ -1,6 +1,9 @@
 """Run the first forward/backward of a config and save every parameter's full gradient.
 
     python grad_worker.py OUT.pt --config ... --section.key=value ...   (plain or under torchrun)
+
+Under expert parallelism a rank holds only its experts' rows: those are gathered from the
+EP group (after FSDP's full_tensor over ep_fsdp) into the global [experts, ...] tensor.
 """
 
 import gc
@@ -20,9 +23,14 @@ ctx = init_distributed(cfg.parallel.backend, "cpu")
 trainer = Trainer(cfg, ctx)
 trainer.forward_backward()
 grads = {}
-for name, p in trainer.model.named_parameters():
-    g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-    grads[name.replace("_checkpoint_wrapped_module.", "")] = g.detach().clone()
+for mod_name, module in trainer.model.named_modules():
+    for pname, p in module.named_parameters(recurse=False):
+        g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        if hasattr(module, "global_rows"):  # EP: gather every rank's experts
+            parts = [torch.empty_like(g) for _ in range(trainer.dims.ep)]
+            torch.distributed.all_gather(parts, g.contiguous(), group=trainer.meshes.ep.get_group())
+            g = torch.cat(parts)
+        grads[f"{mod_name}.{pname}".replace("_checkpoint_wrapped_module.", "")] = g.detach().clone()
 if ctx.is_main:
     torch.save(grads, out_path)
 trainer.close()
