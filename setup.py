@@ -17,6 +17,7 @@ setup(
         "tqdm",
         "tensorboard",
         "safetensors",
+        "scikit-learn",
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "transformers>=4.51"],

@@ -60,7 +60,7 @@ class ModelConfig:
     """Renormalise the top-k router probabilities to sum to 1 (Qwen3-MoE)."""
     decoder_sparse_step: int = 1
     """Every N-th layer is MoE (Hugging Face's decoder_sparse_step)."""
-    mlp_only_layers: list = field(default_factory=list)
+    mlp_only_layers: list[int] = field(default_factory=list)
     """Layer indices that keep a dense MLP (Hugging Face's mlp_only_layers)."""
     router_aux_loss_coef: float = 0.001
     """Coefficient of the Switch-style load-balancing loss (over the global batch)."""
@@ -70,6 +70,15 @@ class ModelConfig:
     """Width of a sigmoid-gated shared expert (Qwen2-MoE); 0 = none."""
     attention_backend: str = "auto"
     """auto (flash-attn on CUDA where installed, else SDPA), sdpa, flash_attn, eager."""
+    encoders: list[dict] = field(default_factory=list)
+    """Omni parts that read a modality, by registered name, e.g. [{name: vision, depth: 2,
+    freeze: false, init_from: null, recipe: fsdp}]; other keys are the part's options."""
+    decoders: list[dict] = field(default_factory=list)
+    """Omni parts that generate a modality (e.g. image_vq), same form as encoders, plus
+    `loss_weight` (default 1)."""
+    plugins: list[str] = field(default_factory=list)
+    """Python files or modules imported before the model is built, so that parts they
+    register with @register_encoder / @register_decoder can be named above."""
     init_from: Optional[str] = None
     """Start training from these weights: a Hugging Face folder (config.json + safetensors) or one written by
     tools/convert_hf_checkpoint.py import. Loaded shard by shard after materialisation; ignored when resuming."""
@@ -228,15 +237,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, (dict, list)) or value is None:
             raise bad
         return str(value)
-    if annotation is list:
-        if isinstance(value, str):
-            value = [v for v in value.strip("[]").split(",") if v.strip()]
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(value, str) and item is not dict:
+            value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise bad
-        try:
-            return [int(v) for v in value]
-        except (TypeError, ValueError):
-            raise bad from None
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if annotation is dict:
         if not isinstance(value, dict):
             raise bad

@@ -25,6 +25,8 @@ trainer.forward_backward()
 grads = {}
 for mod_name, module in trainer.model.named_modules():
     for pname, p in module.named_parameters(recurse=False):
+        if p.grad is None:  # frozen
+            continue
         g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         if hasattr(module, "global_rows"):  # EP: gather every rank's experts
             parts = [torch.empty_like(g) for _ in range(trainer.dims.ep)]

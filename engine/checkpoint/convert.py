@@ -10,6 +10,11 @@
 
 Both read and write one tensor (export from DCP: one output shard) at a time, so the peak
 memory is about one shard, whatever the model size.
+
+Qwen3-MoE experts: import stacks Hugging Face's per-expert tensors into our fused
+`experts.gate_up_proj` / `experts.down_proj` (one expert at a time, into the output
+tensor); export splits them back into `experts.{e}.gate_proj/up_proj/down_proj.weight`,
+which is what transformers' `save_pretrained` writes and `from_pretrained` reads.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ import yaml
 
 from engine.config import Config, expand_path, load_config
 
-from .hf import (HFCheckpointError, KeyMismatchError, ShapeMismatchError, WeightFolder, check_config_matches,
-                 expected_shapes, hf_config_from_model, ours_to_hf)
+from .hf import (HFCheckpointError, KeyMismatchError, ShapeMismatchError, TensorReader, WeightFolder,
+                 check_config_matches, expected_shapes, hf_architecture, hf_config_from_model, is_fused_expert,
+                 ours_to_hf, per_expert_names)
 from .safetensors_io import TensorSpec, shard_groups, shard_names, write_index, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -42,8 +48,6 @@ DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat
 # ---- import ----------------------------------------------------------------------------
 def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """Hugging Face folder -> imported folder; tensors are copied bitwise, one at a time."""
-    from safetensors import safe_open
-
     folder = WeightFolder(hf_dir)
     if folder.format != "hf":
         raise HFCheckpointError(f"{hf_dir} is already an imported folder: train from it directly "
@@ -56,11 +60,12 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     by_file = [g for g in by_file if g]
     names = shard_names("weights", len(by_file))
     groups = []
+    reader = TensorReader()
     for name, group in zip(names, by_file):
         specs = [dataclasses.replace(e.spec, name=e.name) for e in group]
-        source = {e.name: e.source for e in group}
-        with safe_open(str(group[0].file), framework="pt") as f:
-            write_safetensors(out / name, specs, lambda n: f.get_tensor(source[n]), {"format": "pt"})
+        entry = {e.name: e for e in group}
+        write_safetensors(out / name, specs, lambda n: reader.read(entry[n]), {"format": "pt"})
+        reader.close()
         groups.append(specs)
     if len(names) > 1:
         write_index(out, "weights", names, groups)
@@ -144,13 +149,48 @@ class FolderSource:
         self._entries = {e.name: e for e in folder.entries}
 
     def read_group(self, names: list[str]) -> Callable[[str], torch.Tensor]:
-        from safetensors import safe_open
+        reader = TensorReader()
 
         def get(name: str) -> torch.Tensor:
-            e = self._entries[name]
-            with safe_open(str(e.file), framework="pt") as f:
-                return f.get_tensor(e.source)
+            t = reader.read(self._entries[name])
+            reader.close()
+            return t
         return get
+
+
+def hf_specs(expected: dict[str, tuple], dtypes: dict[str, torch.dtype], split_experts: bool):
+    """The Hugging Face tensors of an export, in model order, and for each the (our tensor, index)
+    it comes from: index None = the whole tensor; (expert, row slice) = one expert's piece of a
+    fused expert tensor, written per expert as transformers does."""
+    specs, pieces = [], {}
+    for n, shape in expected.items():
+        if not (split_experts and is_fused_expert(n)):
+            specs.append(TensorSpec(ours_to_hf(n), dtypes[n], tuple(shape)))
+            pieces[specs[-1].name] = (n, None)
+            continue
+        experts, rows, cols = shape
+        names = per_expert_names(n, experts)
+        per = len(names) // experts  # 2 for gate_up_proj (gate rows, then up rows), 1 for down_proj
+        for i, hf_name in enumerate(names):
+            e, j = divmod(i, per)
+            specs.append(TensorSpec(hf_name, dtypes[n], (rows // per, cols)))
+            pieces[hf_name] = (n, (e, slice(j * rows // per, (j + 1) * rows // per)))
+    return specs, pieces
+
+
+def _piece_getter(get: Callable[[str], torch.Tensor], pieces: dict, group: list[TensorSpec]):
+    """`get` reads each source tensor once, in order; the pieces of a fused one come from one read."""
+    held: dict[str, torch.Tensor] = {}
+    out_of = {s.name: s.dtype for s in group}
+
+    def piece(hf_name: str) -> torch.Tensor:
+        src, index = pieces[hf_name]
+        if src not in held:
+            held.clear()  # the previous source is done: tensors are written in source order
+            held[src] = get(src)
+        t = held[src] if index is None else held[src][index[0], index[1]]
+        return t.to(out_of[hf_name]).contiguous()
+    return piece
 
 
 def _check(specs: dict[str, TensorSpec], expected: dict[str, tuple], where: Path, tied: bool) -> None:
@@ -246,8 +286,8 @@ def export_hf(src: str | Path, out_dir: str | Path, config: Optional[str] = None
     _check(source.specs, expected, src, cfg.tie_embeddings)
 
     out_dtype = DTYPES[dtype]
-    specs = [TensorSpec(ours_to_hf(n), out_dtype or source.specs[n].dtype, shape) for n, shape in expected.items()]
-    hf_to_src = {ours_to_hf(n): n for n in expected}
+    specs, pieces = hf_specs(expected, {n: out_dtype or source.specs[n].dtype for n in expected},
+                             split_experts=hf_architecture(cfg) == "Qwen3MoeForCausalLM")
     groups = shard_groups(specs, max_shard_size)
     names = shard_names("model", len(groups))
     out = Path(out_dir)
@@ -255,10 +295,9 @@ def export_hf(src: str | Path, out_dir: str | Path, config: Optional[str] = None
     for stale in [*out.glob("model-*-of-*.safetensors"), out / "model.safetensors", out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)  # an earlier export's files would mix with this one's
     for name, group in zip(names, groups):
-        get = source.read_group([hf_to_src[s.name] for s in group])
-        out_of = {s.name: s.dtype for s in group}
-        write_safetensors(out / name, group, lambda n: get(hf_to_src[n]).to(out_of[n]), {"format": "pt"})
-        del get
+        sources = list(dict.fromkeys(pieces[s.name][0] for s in group))  # in order, each once
+        write_safetensors(out / name, group, _piece_getter(source.read_group(sources), pieces, group),
+                          {"format": "pt"})
     if len(names) > 1:
         write_index(out, "model", names, groups)
 

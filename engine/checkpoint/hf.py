@@ -1,13 +1,21 @@
-"""Hugging Face interop for the dense backbone (Llama, Qwen2, Qwen3): configs, names, weights.
+"""Hugging Face interop (Llama, Qwen2, Qwen3 and Qwen3-MoE): configs, names, weights.
 
 Our parameter names are Hugging Face's without the `model.` prefix (and `blocks.` for
 `model.layers.`), so the mapping is a rename. Weights are only ever read from safetensors,
 one tensor at a time (`safe_open`), never with pickle or remote code:
 
-- `load_pretrained(path)` builds a one-process `DenseTransformer` from a folder,
-- `load_weights_(model, path)` fills an already built, possibly FSDP-sharded model in
-  place: each rank reads one full tensor at a time and keeps only its own shard (the
-  peak is the largest tensor, never the model), like `engine.parallel.materialize`.
+- `load_pretrained(path)` builds a one-process model (dense or MoE backbone) from a folder,
+- `load_weights_(model, path)` fills an already built, possibly FSDP-sharded and
+  expert-parallel model in place: each rank reads one full tensor at a time (under EP only
+  its experts' rows) and keeps only its own shard (the peak is the largest tensor, never
+  the model), like `engine.parallel.materialize`.
+
+Qwen3-MoE experts: our `mlp.experts.gate_up_proj` [E, 2I, H] and `mlp.experts.down_proj`
+[E, H, I] are transformers 5's in-memory layout, but its `save_pretrained` writes one
+tensor per expert (`mlp.experts.{e}.gate_proj.weight` [I, H], `up_proj`, `down_proj`
+[H, I]), as the hub checkpoints do. Both forms are read: per-expert tensors are stacked
+into the fused layout (gate rows first) one expert at a time, straight into the output;
+export writes the per-expert form.
 
 A folder is either a Hugging Face one (`config.json`, `model.safetensors` or
 `model-0000i-of-0000n.safetensors` + index) or one written by
@@ -29,18 +37,22 @@ import torch
 import torch.nn as nn
 
 from engine.config import ModelConfig
-from engine.models.dense import DenseTransformer
+from engine.models import build_backbone
 
 from .manager import CheckpointError
 from .safetensors_io import TensorSpec, read_header
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                "Qwen3MoeForCausalLM": "qwen3_moe"}
 _ROPE_TYPES = ("default", "linear", "llama3")
 # Keys some Hugging Face checkpoints carry that are not parameters (recomputed buffers).
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+# One expert's tensor as save_pretrained writes it: (prefix ending in .experts, expert, projection).
+_PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED = ("gate_up_proj", "down_proj")
 
 
 class HFCheckpointError(CheckpointError):
@@ -80,6 +92,18 @@ def ours_to_hf(name: str) -> str:
     return "model." + name
 
 
+def is_fused_expert(name: str) -> bool:
+    """Our fused expert tensors ([experts, ...]): exported one tensor per expert."""
+    return name.rsplit(".", 1)[-1] in _FUSED and name.rsplit(".", 2)[-2] == "experts"
+
+
+def per_expert_names(name: str, num_experts: int) -> list[str]:
+    """Hugging Face names of one fused tensor's pieces, in the order they stack (gate before up)."""
+    prefix, fused = ours_to_hf(name).rsplit(".", 1)
+    projs = ("gate_proj", "up_proj") if fused == "gate_up_proj" else ("down_proj",)
+    return [f"{prefix}.{e}.{p}.weight" for e in range(num_experts) for p in projs]
+
+
 def clean_name(name: str) -> str:
     """Drop the prefixes that wrappers (activation checkpointing, compile) add to parameter names."""
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
@@ -109,7 +133,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     arch = archs[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedArchitectureError(
-            f"{source}: architecture {arch!r} is not supported by the dense backbone: supported architectures are "
+            f"{source}: architecture {arch!r} is not supported: supported architectures are "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
 
     def need(key: str):
@@ -118,7 +142,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         return hf[key]
 
     def unsupported(what: str) -> UnsupportedArchitectureError:
-        return UnsupportedArchitectureError(f"{source}: {arch} with {what} is not supported by the dense backbone: "
+        return UnsupportedArchitectureError(f"{source}: {arch} with {what} is not supported: "
                                             "use a checkpoint without it")
 
     if hf.get("hidden_act", "silu") != "silu":
@@ -129,10 +153,12 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         bias, qk_norm = True, False  # Qwen2 always has Q/K/V biases and no O bias
         if hf.get("use_sliding_window"):
             raise unsupported("use_sliding_window=true")
-    else:  # Llama and Qwen3 put `attention_bias` on o_proj as well, which our blocks lack
+    else:  # Llama and Qwen3(-MoE) put `attention_bias` on o_proj as well, which our blocks lack
         if hf.get("attention_bias"):
             raise unsupported("attention_bias=true (a bias on o_proj too)")
-        bias, qk_norm = False, arch == "Qwen3ForCausalLM"
+        bias, qk_norm = False, arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+        if arch == "Qwen3MoeForCausalLM" and hf.get("use_sliding_window"):
+            raise unsupported("use_sliding_window=true")
     hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
     kv_heads = int(hf.get("num_key_value_heads") or heads)
     if heads % kv_heads:
@@ -142,13 +168,40 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     if head_dim is not None and int(head_dim) == hidden // heads and hidden % heads == 0:
         head_dim = None  # the default; keeps configs comparable
     theta, scaling = _rope_from_hf(hf, source)
+    moe = _moe_from_hf(hf, source) if arch == "Qwen3MoeForCausalLM" else {}
     return ModelConfig(
         vocab_size=int(need("vocab_size")), hidden_size=hidden, intermediate_size=int(need("intermediate_size")),
         num_layers=int(need("num_hidden_layers")), num_heads=heads, num_kv_heads=kv_heads,
         head_dim=None if head_dim is None else int(head_dim), rope_theta=theta, rope_scaling=scaling,
         max_position_embeddings=int(hf.get("max_position_embeddings") or 4096),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qk_norm=qk_norm, attention_bias=bias,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **moe)
+
+
+def _moe_from_hf(hf: dict, source: str) -> dict:
+    """The MoE fields of ModelConfig from a Qwen3-MoE config (transformers' defaults where a key is absent).
+
+    transformers 5 writes `num_local_experts` (its attribute map), the hub configs `num_experts`."""
+    experts = hf.get("num_experts", hf.get("num_local_experts"))
+    if experts is None:
+        raise HFCheckpointError(f"{source} lacks 'num_experts' (or 'num_local_experts'), which a Qwen3MoeForCausalLM "
+                                "config must have: add it to config.json")
+    experts = int(experts)
+    if experts == 0:  # every MLP dense: transformers builds a plain Qwen3 then
+        return {}
+    top_k = int(hf.get("num_experts_per_tok", 8))
+    if not 1 <= top_k <= experts:
+        raise HFCheckpointError(f"{source}: num_experts_per_tok={top_k} must be in [1, num_experts={experts}]: "
+                                "fix config.json")
+    if hf.get("moe_intermediate_size") is None:
+        raise HFCheckpointError(f"{source} lacks 'moe_intermediate_size', which a Qwen3MoeForCausalLM config must "
+                                "have: add it to config.json")
+    return dict(backbone="moe", num_experts=experts, num_experts_per_tok=top_k,
+                moe_intermediate_size=int(hf["moe_intermediate_size"]),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                decoder_sparse_step=int(hf.get("decoder_sparse_step", 1) or 1),
+                mlp_only_layers=[int(i) for i in hf.get("mlp_only_layers") or []],
+                router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)), router_z_loss_coef=0.0)
 
 
 def hf_architecture(cfg: ModelConfig) -> str:
@@ -156,6 +209,12 @@ def hf_architecture(cfg: ModelConfig) -> str:
     if cfg.qk_norm and cfg.attention_bias:
         raise UnsupportedArchitectureError("model.qk_norm=true together with model.attention_bias=true matches none of "
                                            f"{', '.join(SUPPORTED_ARCHITECTURES)}: export needs one of them off")
+    if cfg.backbone == "moe":
+        if not cfg.qk_norm or cfg.attention_bias or cfg.shared_expert_intermediate_size:
+            raise UnsupportedArchitectureError(
+                "a model.backbone=moe model exports as Qwen3MoeForCausalLM, which needs model.qk_norm=true, "
+                "model.attention_bias=false and model.shared_expert_intermediate_size=0: train with those settings")
+        return "Qwen3MoeForCausalLM"
     return "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.attention_bias else "LlamaForCausalLM"
 
 
@@ -181,8 +240,16 @@ def hf_config_from_model(cfg: ModelConfig, dtype: torch.dtype, template: Optiona
         rope_parameters=rope, tie_word_embeddings=cfg.tie_embeddings, dtype=str(dtype).removeprefix("torch."))
     if arch == "LlamaForCausalLM":
         out.update(attention_bias=False, mlp_bias=False)
-    elif arch == "Qwen3ForCausalLM":
+    elif arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
         out.update(attention_bias=False)
+    if arch == "Qwen3MoeForCausalLM":
+        # the name the template used (transformers writes num_local_experts, hub configs num_experts)
+        experts_key = "num_local_experts" if "num_local_experts" in out else "num_experts"
+        out.pop("num_local_experts" if experts_key == "num_experts" else "num_experts", None)
+        out.update({experts_key: cfg.num_experts}, num_experts_per_tok=cfg.num_experts_per_tok,
+                   moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
+                   decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers),
+                   router_aux_loss_coef=cfg.router_aux_loss_coef)
     if arch != "LlamaForCausalLM":
         out.update(use_sliding_window=False, sliding_window=None)
         out.pop("layer_types", None)
@@ -190,8 +257,11 @@ def hf_config_from_model(cfg: ModelConfig, dtype: torch.dtype, template: Optiona
     return dict(sorted(out.items()))
 
 
-_COMPARED = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-             "rope_theta", "rope_scaling", "rms_norm_eps", "qk_norm", "attention_bias", "tie_embeddings")
+_COMPARED = ("backbone", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+             "head_dim", "rope_theta", "rope_scaling", "rms_norm_eps", "qk_norm", "attention_bias", "tie_embeddings")
+# What a MoE backbone computes besides (router_aux_loss_coef and the z-loss only shape training).
+_COMPARED_MOE = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                 "decoder_sparse_step", "mlp_only_layers", "shared_expert_intermediate_size")
 
 
 def _normalised(cfg: ModelConfig, key: str):
@@ -202,6 +272,8 @@ def _normalised(cfg: ModelConfig, key: str):
         kind = s.get("rope_type", s.get("type", "default"))
         return None if kind == "default" else {"rope_type": kind, **{k: v for k, v in s.items()
                                                                      if k not in ("type", "rope_type")}}
+    if key == "mlp_only_layers":
+        return sorted(int(i) for i in cfg.mlp_only_layers or [])
     return getattr(cfg, key)
 
 
@@ -209,18 +281,19 @@ def check_config_matches(saved: ModelConfig, run: ModelConfig, what: str, run_na
     """The run's model config must compute what the checkpoint holds (shape-free keys such as rope_theta included).
 
     `what` starts the message, e.g. "model.init_from=DIR holds a model with"."""
-    for key in _COMPARED:
+    keys = _COMPARED + (_COMPARED_MOE if saved.backbone == "moe" and run.backbone == "moe" else ())
+    for key in keys:
         a, b = _normalised(saved, key), _normalised(run, key)
         same = math.isclose(a, b, rel_tol=1e-9) if isinstance(a, float) and isinstance(b, float) else a == b
         if not same:
-            value = json.dumps(a) if isinstance(a, dict) else a
+            value = json.dumps(a) if isinstance(a, (dict, list)) else a
             raise HFCheckpointError(f"{what} model.{key}={value} but {run_name} has {b}: set --model.{key}={value} "
                                     "(or use the config that came with the weights)")
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        model = DenseTransformer(cfg)
+        model = build_backbone(cfg)
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
@@ -230,9 +303,92 @@ class Entry:
     name: str
     """Our parameter name."""
     source: str
-    """The tensor's name in its file."""
+    """The tensor's name in its file (for a stacked entry, a pattern naming its pieces)."""
     file: Path
     spec: TensorSpec
+    """Our tensor's dtype and shape."""
+    parts: tuple = ()
+    """Stacked from per-expert tensors: for each expert, the ((source, file), ...) pieces that are
+    concatenated along dim 0 (gate then up for gate_up_proj) to form row `expert` of the tensor."""
+
+
+class TensorReader:
+    """Reads entries from their safetensors files, opened on first use: a whole tensor, or a block
+    of its rows (an EP rank's experts) without reading the others."""
+
+    def __init__(self) -> None:
+        self._open: dict[Path, object] = {}
+
+    def _handle(self, file: Path):
+        from safetensors import safe_open
+
+        if file not in self._open:
+            self._open[file] = safe_open(str(file), framework="pt")
+        return self._open[file]
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def read(self, e: Entry, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        if not e.parts:
+            if rows is None:
+                return self._handle(e.file).get_tensor(e.source)
+            return self._handle(e.file).get_slice(e.source)[rows[0]:rows[1]]
+        lo, hi = rows or (0, e.spec.shape[0])
+        out = torch.empty((hi - lo, *e.spec.shape[1:]), dtype=e.spec.dtype)
+        for row, pieces in enumerate(e.parts[lo:hi]):  # one expert's pieces at a time, into place
+            at = 0
+            for source, file in pieces:
+                t = self._handle(file).get_tensor(source)
+                out[row, at:at + t.shape[0]] = t
+                at += t.shape[0]
+        return out
+
+
+def _stack_experts(entries: list[Entry], where: Path) -> list[Entry]:
+    """Replace the per-expert tensors of each MoE layer (`...experts.{e}.gate_proj.weight`, ...)
+    by two stacked entries in our fused layout, checking that every expert is complete."""
+    groups: dict[str, dict[int, dict[str, Entry]]] = {}
+    out: list = []
+    for e in entries:
+        m = _PER_EXPERT.match(e.source)
+        if m is None:
+            out.append(e)
+            continue
+        prefix, expert, proj = m.group(1), int(m.group(2)), m.group(3)
+        if prefix not in groups:
+            groups[prefix] = {}
+            out.append(prefix)  # the stacked entries take the place of the first piece
+        groups[prefix].setdefault(expert, {})[proj] = e
+    result = []
+    for item in out:
+        if isinstance(item, Entry):
+            result.append(item)
+            continue
+        experts = groups[item]
+        n = max(experts) + 1
+        for fused, projs in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+            pieces = []
+            for ex in range(n):
+                for proj in projs:
+                    if proj not in experts.get(ex, {}):
+                        raise KeyMismatchError(f"{where} lacks '{item}.{ex}.{proj}.weight' but has other experts of "
+                                               f"{item} (up to {n - 1}): the checkpoint is incomplete; re-save it")
+                first = experts[0][projs[0]]
+                for proj in projs:
+                    piece = experts[ex][proj]
+                    if piece.spec.shape != first.spec.shape or piece.spec.dtype != first.spec.dtype:
+                        raise ShapeMismatchError(
+                            f"tensor '{piece.source}' in {piece.file.name} is {piece.spec.dtype} {piece.spec.shape} "
+                            f"but '{first.source}' is {first.spec.dtype} {first.spec.shape}: every expert must have "
+                            "the same shape and dtype; re-save the checkpoint")
+                pieces.append(tuple((experts[ex][proj].source, experts[ex][proj].file) for proj in projs))
+            rows, cols = first.spec.shape
+            name = hf_to_ours(f"{item}.{fused}")
+            spec = TensorSpec(name, first.spec.dtype, (n, rows * len(projs), cols))
+            source = f"{item}.{{0..{n - 1}}}.{'/'.join(projs)}.weight"
+            result.append(Entry(name, source, first.file, spec, tuple(pieces)))
+    return result
 
 
 class WeightFolder:
@@ -262,6 +418,8 @@ class WeightFolder:
                 if not _IGNORED.search(s.name):
                     name = hf_to_ours(s.name) if self.format == "hf" else s.name
                     self.entries.append(Entry(name, s.name, f, s))
+        if self.format == "hf":
+            self.entries = _stack_experts(self.entries, self.path)
         self._config: Optional[ModelConfig] = None
 
     def _find(self, prefix: str) -> list[Path]:
@@ -344,10 +502,12 @@ def load_weights_(model: nn.Module, source: str | Path | WeightFolder,
     """Copy the weights of `source` into `model` in place, streaming one tensor at a time.
 
     Parameters may be FSDP DTensors: each rank reads the full tensor and keeps its own shard
-    (`src_data_rank=None`: no communication, every rank reads the same bytes). With `expect`,
-    the run's model config is first checked against the checkpoint's. Returns bytes read.
+    (`src_data_rank=None`: no communication, every rank reads the same bytes). Under expert
+    parallelism a module's `global_rows` ({param: (global shape, first row)}) says which rows
+    of the checkpoint's tensor this rank holds: only those are read, then sharded the same way.
+    With `expect`, the run's model config is first checked against the checkpoint's. Returns
+    bytes read.
     """
-    from safetensors import safe_open
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if expect is not None and not isinstance(source, WeightFolder) and not Path(source).is_dir():
@@ -356,35 +516,47 @@ def load_weights_(model: nn.Module, source: str | Path | WeightFolder,
     folder = as_folder(source)
     if expect is not None:
         check_config_matches(folder.model_config(), expect, f"model.init_from={folder.path} holds a model with")
-    params = {clean_name(n): p for n, p in model.named_parameters()}
-    entries = folder.plan({n: tuple(p.shape) for n, p in params.items()}, tied="lm_head.weight" not in params)
-    total = 0
+    params: dict[str, nn.Parameter] = {}
+    rows_of: dict[str, tuple[tuple[int, ...], int]] = {}
+    for mod_name, module in model.named_modules():
+        global_rows = getattr(module, "global_rows", {})
+        for pname, p in module.named_parameters(recurse=False):
+            name = clean_name(f"{mod_name}.{pname}" if mod_name else pname)
+            params[name] = p
+            if pname in global_rows:
+                rows_of[name] = global_rows[pname]
+    expected = {n: tuple(rows_of[n][0]) if n in rows_of else tuple(p.shape) for n, p in params.items()}
+    entries = folder.plan(expected, tied="lm_head.weight" not in params)
+    total, reader = 0, TensorReader()
     for file in folder.files:
-        todo = [e for e in entries if e.file == file]
-        if not todo:
-            continue
-        with safe_open(str(file), framework="pt") as f:
-            for e in todo:
-                full, param = f.get_tensor(e.source), params[e.name]
-                total += full.numel() * full.element_size()
-                if isinstance(param, DTensor):
-                    full = full.to(device=param.device, dtype=param.dtype)
-                    shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-                    param.to_local().copy_(shard.to_local())
-                else:
-                    param.copy_(full)
-                del full
+        for e in (e for e in entries if e.file == file):
+            param = params[e.name]
+            rows = None
+            if e.name in rows_of:  # EP: this rank's experts only
+                first = rows_of[e.name][1]
+                rows = (first, first + param.shape[0])
+            full = reader.read(e, rows)
+            total += full.numel() * full.element_size()
+            if isinstance(param, DTensor):
+                full = full.to(device=param.device, dtype=param.dtype)
+                shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+                param.to_local().copy_(shard.to_local())
+            else:
+                param.copy_(full)
+            del full
+        reader.close()  # one file open at a time (stacked experts may touch a few)
     log.info("loaded %d tensors (%.1f MB) from %s", len(entries), total / 1e6, folder.path)
     return total
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> DenseTransformer:
-    """A `DenseTransformer` with the weights of a Hugging Face (or imported) folder; `model(input_ids)` -> logits."""
+                    device: str | torch.device = "cpu") -> nn.Module:
+    """A one-process model (`DenseTransformer`, or `MoETransformer` for Qwen3-MoE) with the weights
+    of a Hugging Face (or imported) folder; `model(input_ids)` -> logits."""
     folder = WeightFolder(path)
     cfg = folder.model_config()
     with torch.device("meta"):
-        model = DenseTransformer(cfg)
+        model = build_backbone(cfg)
     model.to(dtype)
     model.to_empty(device=device)
     for module in model.modules():

@@ -1,0 +1,8 @@
+"""Computation-only modality parts, registered by name (no torch.distributed here)."""
+
+from .base import Decoder, Encoder, call_part
+from . import audio, image_vq, vision  # noqa: F401  (built-in parts register themselves)
+from .registry import DECODERS, ENCODERS, get_decoder, get_encoder, register_decoder, register_encoder
+
+__all__ = ["DECODERS", "ENCODERS", "Decoder", "Encoder", "call_part", "get_decoder", "get_encoder",
+           "register_decoder", "register_encoder"]

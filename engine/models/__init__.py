@@ -14,6 +14,17 @@ from .moe import MoETransformer
 BACKBONES: dict[str, Callable[[ModelConfig], nn.Module]] = {"dense": DenseTransformer, "moe": MoETransformer}
 
 
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The backbone alone, or the omni model around it when parts are configured."""
+    backbone = build_backbone(cfg)
+    if not (cfg.encoders or cfg.decoders):
+        return backbone
+    from .omni import OmniModel, load_plugins
+
+    load_plugins(cfg.plugins)
+    return OmniModel(cfg, backbone)
+
+
 def build_backbone(cfg: ModelConfig) -> nn.Module:
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"model.backbone={cfg.backbone!r} is not registered; choose one of {sorted(BACKBONES)}")

@@ -75,10 +75,10 @@ class DenseTransformer(nn.Module):
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
                 doc_ids: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
-                attn_meta: Optional[AttentionMeta] = None) -> torch.Tensor:
+                attn_meta: Optional[AttentionMeta] = None, return_hidden: bool = False) -> torch.Tensor:
         """Logits [B, S, V]. `doc_ids` [B, S] enables document masking for packed rows;
         `attn_meta` (given by the parallel layer) describes the full sequence when this
-        forward only sees a shard of it."""
+        forward only sees a shard of it. `return_hidden` gives the final-norm hidden states."""
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, s, _ = h.shape
         if position_ids is None:
@@ -88,8 +88,11 @@ class DenseTransformer(nn.Module):
         for block in self.blocks.values():
             h = block(h, cos, sin, meta)
         h = self.norm(h)
+        return h if return_hidden else self.logits(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight)
+        return F.linear(hidden, weight)
 
     # ---- accounting --------------------------------------------------------------------
     def flops_per_token(self, seq_len: int) -> float:

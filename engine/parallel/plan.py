@@ -5,7 +5,8 @@
    (still on meta) and the all-to-all dispatcher set,
 3. activation checkpointing per block,
 4. torch.compile per block (optional),
-5. FSDP / HSDP per block, then the root; expert weights on their own (ep_fsdp) mesh.
+5. FSDP / HSDP per block, then the root; expert weights on their own (ep_fsdp) mesh;
+   omni parts by their recipe (engine/parallel/part_recipes.py).
 Model code is never edited: only hooks and wrappers are set from here.
 """
 
@@ -20,6 +21,7 @@ from .compile import apply_compile
 from .dims import Meshes, ParallelDims
 from .expert_parallel import apply_expert_parallel, apply_router_stats_reduction
 from .fsdp import apply_activation_checkpointing, apply_fsdp
+from .part_recipes import part_recipes
 from .ulysses import apply_ulysses
 
 
@@ -40,5 +42,8 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshe
         apply_compile(model.blocks)
     if meshes is not None and dims.fsdp_enabled:
         experts = [m.experts for m in moe_layers.values()] if dims.ep > 1 else []
-        apply_fsdp(model, model.blocks, meshes.fsdp, cfg.train.dtype, experts, meshes.expert_fsdp)
+        units, replicated = part_recipes(model)
+        apply_fsdp(model, model.blocks, meshes.fsdp, cfg.train.dtype, experts, meshes.expert_fsdp, units, replicated)
+        # names, not objects: materialisation (to_empty) replaces plain parameters
+        model.replicated_param_names = [n for n, p in model.named_parameters() if any(p is q for q in replicated)]
     return model

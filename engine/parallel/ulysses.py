@@ -26,24 +26,35 @@ from engine.ops.attention import AttentionMeta
 HEADS, SEQ = 1, 2  # dims of [B, H, S, D]
 
 
-def shard_batch(batch: dict[str, torch.Tensor], sp_rank: int, sp_size: int) -> dict:
+# Padding values of the per-position [B, S] tensors a batch may carry.
+FILL = {"input_ids": 0, "labels": -100, "position_ids": 0, "ph_index": -1, "dec_next_index": -1, "dec_next_part": -1}
+
+
+def shard_batch(batch: dict, sp_rank: int, sp_size: int) -> dict:
     """Pad the packed rows to a multiple of sp_size and keep this rank's contiguous shard.
 
     Padding tokens form their own document (so no real token attends to them) and have
     label -100 (so they add nothing to the loss). RoPE positions stay those of the full
-    sequence. Returns the local tensors plus `attn_meta` describing the full sequence.
+    sequence. Every other [B, S] tensor (placeholder layout of omni batches) is sliced the
+    same way; payloads pass through whole. Adds `attn_meta` describing the full sequence.
     """
-    ids, labels, pos, doc = batch["input_ids"], batch["labels"], batch["position_ids"], batch["doc_ids"]
-    seq = ids.shape[1]
+    doc = batch["doc_ids"]
+    rows, seq = doc.shape
     pad = (-seq) % sp_size
-    if pad:
-        fill = lambda t, v: torch.cat([t, t.new_full((t.shape[0], pad), v)], dim=1)  # noqa: E731
-        ids, labels, pos = fill(ids, 0), fill(labels, -100), fill(pos, 0)
-        doc = torch.cat([doc, (doc.max(dim=1, keepdim=True).values + 1).expand(-1, pad)], dim=1)
     local = (seq + pad) // sp_size
     cut = slice(sp_rank * local, (sp_rank + 1) * local)
-    return {"input_ids": ids[:, cut], "labels": labels[:, cut], "position_ids": pos[:, cut],
-            "doc_ids": doc[:, cut], "attn_meta": AttentionMeta(doc_ids=doc), "true_seq_len": seq}
+    if pad:
+        doc = torch.cat([doc, (doc.max(dim=1, keepdim=True).values + 1).expand(-1, pad)], dim=1)
+    out = dict(batch)
+    for key, value in batch.items():
+        if key == "doc_ids" or not (isinstance(value, torch.Tensor) and value.shape == (rows, seq)):
+            continue
+        assert key in FILL, f"no padding value for per-position tensor {key!r}"
+        if pad:
+            value = torch.cat([value, value.new_full((rows, pad), FILL[key])], dim=1)
+        out[key] = value[:, cut]
+    out.update(doc_ids=doc[:, cut], attn_meta=AttentionMeta(doc_ids=doc), true_seq_len=seq)
+    return out
 
 
 def check_heads(num_heads: int, num_kv_heads: int, sp: int) -> None:

@@ -14,11 +14,13 @@ from engine.config import TrainConfig
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Weight decay on matrices only; norms, biases and scalars are not decayed."""
-    decay, no_decay = [], []
+    # Plain tensors (replicated parts) and DTensors (sharded) cannot share one fused call.
+    groups: dict[tuple[bool, bool], list] = {}
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((p.ndim >= 2, isinstance(p, DTensor)), []).append(p)
+    groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0}
+              for (decay, _), params in sorted(groups.items())]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
@@ -38,21 +40,30 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _sum_sq(grads: list[torch.Tensor]) -> torch.Tensor:
+    if not grads:
+        return torch.zeros(1, dtype=torch.float64)
+    return torch.stack([g.double().pow(2).sum() for g in grads]).sum().reshape(1)
+
+
 @torch.no_grad()
 def clip_grad_norm_(model: nn.Module, max_norm: float, replicas: int = 1) -> float:
     """Global L2 norm over every rank's gradient shards, then clip in place.
 
     Parameters live on different meshes (experts on the EP mesh, the rest on the FSDP
-    mesh), so the norm is summed from local shards over the whole world: every element is
-    held by exactly `replicas` ranks (the HSDP replica groups), so the sum is divided by it.
+    mesh), so the norm is summed from local shards over the whole world: every element of
+    a sharded parameter is held by exactly `replicas` ranks (the HSDP replica groups), so
+    that sum is divided by it. Plain (replicated) parameters are counted once.
     """
-    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-             for p in model.parameters() if p.grad is not None]
-    if not grads:
+    sharded = [p.grad.to_local() for p in model.parameters() if isinstance(p.grad, DTensor)]
+    whole = [p.grad for p in model.parameters() if p.grad is not None and not isinstance(p.grad, DTensor)]
+    if not sharded and not whole:
         return 0.0
-    sq = torch.stack([g.double().pow(2).sum() for g in grads]).sum().reshape(1)
-    all_reduce(sq, axis="world")
-    total = float(sq.item() / replicas) ** 0.5
+    shard_sq = _sum_sq(sharded)
+    all_reduce(shard_sq, axis="world")
+    # whole (replicated) gradients are identical on every rank after their all-reduce: count once
+    total = float(shard_sq.item() / replicas + _sum_sq(whole).item()) ** 0.5
+    grads = sharded + whole
     if max_norm > 0 and total > max_norm:
         torch._foreach_mul_(grads, max_norm / (total + 1e-6))
     return total

@@ -24,16 +24,25 @@ from engine.checkpoint import CheckpointManager
 from engine.checkpoint.hf import load_weights_
 from engine.comm import STATS, DistContext, all_reduce, init_distributed, shutdown
 from engine.config import Config, expand_path, resolve_layout
-from engine.data import build_text_dataset
-from engine.data.packing import micro_batches
-from engine.models import build_backbone
+from engine.data.sources import build_train_data
+from engine.models import build_model
+from engine.models.omni import OmniModel
 from engine.parallel import ParallelDims, materialize, parallelize
+from engine.parallel.part_recipes import sync_replicated_grads
 from engine.parallel.ulysses import shard_batch
 
 from .metrics import MetricsLogger, device_peak_flops, gpu_utilization, memory_gb
 from .optimizer import build_optimizer, build_scheduler, clip_grad_norm_
 
 log = logging.getLogger(__name__)
+
+
+def _to_device(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -61,11 +70,10 @@ class Trainer:
         self.output_dir = expand_path(cfg.train.output_dir)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
 
-        self.dataset, self.tokenizer = build_text_dataset(
-            expand_path(cfg.data.cache_dir), cfg.model.vocab_size, cfg.data.seq_len, cfg.train.seed)
-
         with torch.device("meta"):
-            model = build_backbone(cfg.model)
+            model = build_model(cfg.model)
+        self.data, self.tokenizer = build_train_data(cfg, model)
+        self.is_omni = isinstance(model, OmniModel)
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.is_moe = hasattr(model, "moe_layers") and bool(model.moe_layers())
@@ -97,7 +105,7 @@ class Trainer:
 
     def prepare_batch(self, batch: dict) -> dict:
         """Move to the device; under SP keep this rank's sequence shard."""
-        batch = {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
+        batch = _to_device(batch, self.ctx.device)
         if self.dims.sp > 1:
             batch = shard_batch(batch, self.meshes.sp.get_local_rank(), self.dims.sp)
         return batch
@@ -114,45 +122,67 @@ class Trainer:
                 "moe_tokens_per_expert": {k: [int(x) for x in v.tolist()] for k, v in counts.items()},
                 "moe_imbalance": {k: float(v.max() / v.mean()) for k, v in counts.items()}}
 
-    def forward_backward(self) -> tuple[torch.Tensor, float]:
-        """Gradients of this step's global batch; returns (this rank's loss sum, global targets)."""
-        cfg = self.cfg
-        batches = micro_batches(self.dataset, self.step, cfg.data.global_batch_size, self.dp_rank,
-                                self.dims.dp, self.layout["micro_batch"])
-        dev = self.ctx.device
+    def target_counts(self, batch: dict) -> dict[str, int]:
+        if self.is_omni:
+            return self.model.target_counts(batch)
+        return {"lm": int((batch["labels"] != -100).sum())}
+
+    def loss_sums(self, batch: dict) -> dict[str, torch.Tensor]:
+        with self.autocast():
+            if self.is_omni:
+                return self.model(batch)
+            logits = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"],
+                                attn_meta=batch.get("attn_meta"))
+        return {"lm": token_loss_sum(logits, batch["labels"])}
+
+    def forward_backward(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Gradients of this step's global batch.
+
+        Each loss (text, and each decoder's) is a sum over its targets divided by the number
+        of its targets in the whole global batch, counted before the forward pass; the
+        returned sums are this rank's, the counts global.
+        """
+        cfg, dev = self.cfg, self.ctx.device
+        batches = self.data.micro_batches(self.step, cfg.data.global_batch_size, self.dp_rank, self.dims.dp,
+                                          self.layout["micro_batch"])
         batches = [self.prepare_batch(b) for b in batches]
-        local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)
-        counts = torch.tensor([float(local_targets)], dtype=torch.float64, device=dev)
-        all_reduce(counts, axis="world")  # every target token lives on exactly one rank (dp x sp)
-        global_targets = counts.item()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        local = [self.target_counts(b) for b in batches]
+        keys = list(local[0])
+        counts = torch.tensor([float(sum(c[k] for c in local)) for k in keys], dtype=torch.float64, device=dev)
+        all_reduce(counts, axis="world")  # every target lives on exactly one rank (dp x sp)
+        global_counts = dict(zip(keys, counts.tolist()))
+        weights = {"lm": 1.0, **getattr(self.model, "loss_weights", {})}
+        sums = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in keys}
         self.aux_sum = torch.zeros((), dtype=torch.float64, device=dev)
         for i, batch in enumerate(batches):
             if self.fsdp:  # reduce-scatter gradients only after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(batches) - 1)
-            with self.autocast():
-                logits = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"],
-                                    attn_meta=batch.get("attn_meta"))
-            loss = token_loss_sum(logits, batch["labels"])
-            objective = loss / global_targets
+            losses = self.loss_sums(batch)
+            objective = sum(weights[k] * losses[k] / global_counts[k] for k in keys if global_counts[k] > 0)
             if self.is_moe:  # load balancing: this rank's share of the global-batch loss
                 aux = self.model.aux_loss() / len(batches)
                 objective = objective + aux
                 self.aux_sum += aux.detach().double()
             objective.backward()
-            loss_sum += loss.detach().double()
-        return loss_sum, global_targets
+            for k in keys:
+                sums[k] += losses[k].detach().double()
+        sync_replicated_grads(self.model)
+        return sums, global_counts
 
     def train_step(self) -> dict:
         cfg, dev = self.cfg, self.ctx.device
         t0 = time.perf_counter()
-        loss_sum, global_targets = self.forward_backward()
+        sums, global_counts = self.forward_backward()
         grad_norm = clip_grad_norm_(self.model, cfg.train.grad_clip, self.dims.dp_replicate)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        all_reduce(loss_sum, axis="world")
+        keys = list(sums)
+        totals = torch.stack([sums[k] for k in keys])
+        all_reduce(totals, axis="world")
+        per_loss = {k: (t / global_counts[k] if global_counts[k] else float("nan")) for k, t in zip(keys, totals.tolist())}
+        extra = {f"loss_{k}": v for k, v in per_loss.items() if k != "lm"}
         moe = self.moe_metrics()
         self.step += 1
         if dev.type == "cuda":
@@ -161,8 +191,8 @@ class Trainer:
         tokens = cfg.data.global_batch_size * cfg.data.seq_len
         tps = tokens / dt
         mfu = None if self.peak_flops is None else self.flops_per_token * tps / (self.peak_flops * self.ctx.world_size)
-        return {"step": self.step, "loss": loss_sum.item() / global_targets, "grad_norm": grad_norm, "lr": lr,
-                "tokens": tokens, "target_tokens": int(global_targets), "tokens_per_s": tps, "mfu": mfu,
+        return {"step": self.step, "loss": per_loss["lm"], "grad_norm": grad_norm, "lr": lr, **extra,
+                "tokens": tokens, "target_tokens": int(global_counts["lm"]), "tokens_per_s": tps, "mfu": mfu,
                 "mem_gb": memory_gb(dev), "gpu_util": gpu_utilization(dev), "step_time_s": dt, **moe}
 
     def fit(self) -> list[dict]:

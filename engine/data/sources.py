@@ -1,0 +1,46 @@
+"""Pick the training data source for a config: packed text, or an omni stream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from engine.config import Config, ConfigError, expand_path
+
+from .packing import PackedTextDataset, micro_batches
+from .text_dataset import build_text_dataset
+from .tokenizer import Tokenizer
+
+OMNI_DATASETS = ("synthetic_omni",)
+
+
+@dataclass
+class TextData:
+    dataset: PackedTextDataset
+
+    def micro_batches(self, step, global_batch_size, dp_rank, dp_size, micro_batch_size) -> list[dict]:
+        return micro_batches(self.dataset, step, global_batch_size, dp_rank, dp_size, micro_batch_size)
+
+
+def build_train_data(cfg: Config, model: nn.Module) -> tuple[object, Tokenizer]:
+    """`model` may be on the meta device: omni sources only use its parts' shape logic."""
+    from engine.models.omni import OmniModel, placeholder_ids, text_vocab_size
+
+    omni = isinstance(model, OmniModel)
+    name = cfg.data.dataset
+    if omni and name not in OMNI_DATASETS:
+        raise ConfigError(f"config key 'data.dataset'={name!r} has no modality payloads for an omni model; "
+                          f"use one of {', '.join(OMNI_DATASETS)}")
+    if not omni and name != "shakespeare":
+        raise ConfigError(f"config key 'data.dataset'={name!r} needs model.encoders/decoders; use shakespeare "
+                          "for a text-only model")
+    text, tokenizer = build_text_dataset(expand_path(cfg.data.cache_dir), text_vocab_size(cfg.model),
+                                         cfg.data.seq_len, cfg.train.seed)
+    if not omni:
+        return TextData(text), tokenizer
+    from .synthetic_omni import SyntheticOmniData
+
+    parts = {**dict(model.encoders.items()), **dict(model.decoders.items())}
+    return SyntheticOmniData(text.tokens, parts, placeholder_ids(cfg.model), list(model.decoders), cfg.data.seq_len,
+                             cfg.train.seed, pad_id=tokenizer.pad_id), tokenizer

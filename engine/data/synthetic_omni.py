@@ -1,0 +1,67 @@
+"""A deterministic synthetic omni stream: real Shakespeare text around random payloads.
+
+For layout and parity tests of the omni model (every part, every layout, seconds on a
+CPU), not for learning anything: payloads are random tensors of the parts' own shapes.
+Row r of step s is built from its own generator seeded by (seed, s, r), so a global
+batch is identical whatever the parallel layout and resume point.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .omni_packing import IGNORE, OmniSample, PushBackIterator, fill_rows, pack_rows
+
+
+def randomize(payload: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Same shapes as the part's dummy payload; float tensors replaced by noise in [-1, 1]."""
+    return {k: torch.rand(v.shape, generator=gen) * 2 - 1 if v.is_floating_point() else v.clone()
+            for k, v in payload.items()}
+
+
+class SyntheticOmniData:
+    def __init__(self, tokens: np.ndarray, parts: dict, ph: dict[str, int], decoders: list[str], seq_len: int,
+                 seed: int, pad_id: int = 0):
+        self.tokens, self.parts, self.ph, self.decoders = tokens, parts, ph, decoders
+        self.seq_len, self.seed, self.pad_id = seq_len, seed, pad_id
+
+    def _text(self, rng, n: int) -> list[int]:
+        start = int(rng.integers(0, len(self.tokens) - n))
+        return [int(t) for t in self.tokens[start:start + n]]
+
+    def _samples(self, step: int, row: int):
+        rng = np.random.default_rng([self.seed, step, row])
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        kinds = ["text", *self.parts]
+        while True:
+            kind = kinds[int(rng.integers(len(kinds)))]
+            if kind == "text":
+                seq = self._text(rng, int(rng.integers(8, max(9, self.seq_len // 2))) + 1)
+                yield OmniSample(seq[:-1], seq[1:])
+                continue
+            part = self.parts[kind]
+            payload = randomize(part.dummy_payload("cpu"), gen)
+            n = part.num_tokens(payload)
+            prompt = self._text(rng, 5)
+            if kind in self.decoders:  # prompt, then the codes to generate
+                tokens = prompt + [self.ph[kind]] * n
+                labels = prompt[1:] + [IGNORE] * (n + 1)
+            else:  # prompt, payload, caption
+                caption = self._text(rng, 6)
+                tokens = prompt + [self.ph[kind]] * n + caption[:-1]
+                labels = prompt[1:] + [IGNORE] * (n + 1) + caption[1:]
+            yield OmniSample(tokens, labels, {kind: [payload]})
+
+    def micro_batches(self, step: int, global_batch_size: int, dp_rank: int, dp_size: int,
+                      micro_batch_size: int) -> list[dict]:
+        per_rank = global_batch_size // dp_size
+        first = dp_rank * per_rank
+        batches = []
+        for lo in range(first, first + per_rank, micro_batch_size):
+            rows = []
+            for r in range(lo, lo + micro_batch_size):
+                row, _ = fill_rows(PushBackIterator(self._samples(step, r)), 1, self.seq_len)
+                rows += row
+            batches.append(pack_rows(rows, self.seq_len, self.pad_id, self.ph, self.decoders, self.parts))
+        return batches

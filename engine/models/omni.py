@@ -1,0 +1,242 @@
+"""The omni model: named encoders and decoders around a dense or MoE backbone.
+
+Placeholder tokens mark where each part's embeddings go. Their ids are the last ids of
+the backbone vocabulary, one per part, in config order (encoders, then decoders); the text
+tokenizer uses the ids below them. Each encoder's `lm_encode` output is projected to the
+backbone width and written into its placeholders; each decoder's target is encoded into
+codes whose embeddings fill its placeholders, and the hidden state just before each code
+predicts it through the decoder's own head.
+
+Computation-only. Batches may carry `ph_index` (per position: index of this placeholder
+within its part's payload order, -1 elsewhere) and `dec_next_index` / `dec_next_part`
+(per position: the code the next position holds, and which decoder); the data layer
+computes them over whole rows, so that a sequence shard (Ulysses) knows which rows of an
+encoder's output it needs without ever holding the full-length embedding sequence.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.config import ModelConfig
+from engine.modalities import call_part, get_decoder, get_encoder
+
+RESERVED_KEYS = ("name", "freeze", "init_from", "recipe", "loss_weight", "activation_checkpointing")
+
+
+def load_plugins(paths: list[str]) -> None:
+    """Import user modules (file paths or dotted names) so their parts register themselves."""
+    for item in paths:
+        path = Path(item)
+        if item.endswith(".py"):
+            if not path.is_file():
+                raise ValueError(f"model.plugins: file {item!r} does not exist; give a path to a .py file or a module")
+            name = f"omni_plugin_{path.stem}"
+            if name not in sys.modules:
+                spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                spec.loader.exec_module(module)
+        else:
+            try:
+                importlib.import_module(item)
+            except ImportError as e:
+                raise ValueError(f"model.plugins: cannot import {item!r} ({e}); check the module name") from None
+
+
+def part_specs(cfg: ModelConfig) -> list[tuple[str, int, dict]]:
+    """[(kind, index in its list, spec)] for encoders then decoders."""
+    return [("encoders", i, s) for i, s in enumerate(cfg.encoders)] + \
+           [("decoders", i, s) for i, s in enumerate(cfg.decoders)]
+
+
+def placeholder_ids(cfg: ModelConfig) -> dict[str, int]:
+    """Part name -> its placeholder token id (the last ids of the vocabulary)."""
+    specs = part_specs(cfg)
+    return {spec["name"]: cfg.vocab_size - len(specs) + i for i, (_, _, spec) in enumerate(specs)}
+
+
+def text_vocab_size(cfg: ModelConfig) -> int:
+    """Ids available to the text tokenizer."""
+    return cfg.vocab_size - len(part_specs(cfg))
+
+
+def build_part(kind: str, index: int, spec: dict) -> nn.Module:
+    where = f"model.{kind}[{index}]"
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError(f"{where} must be a mapping with a 'name' key, got {spec!r}")
+    cls = (get_encoder if kind == "encoders" else get_decoder)(spec["name"])
+    options = {k: v for k, v in spec.items() if k not in RESERVED_KEYS}
+    params = inspect.signature(cls.__init__).parameters
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in options if k not in params and not accepts_any]
+    if unknown:
+        valid = [p for p in params if p != "self"] + list(RESERVED_KEYS)
+        raise ValueError(f"{where} ({spec['name']}): unknown option(s) {unknown}; valid options: {valid}")
+    return cls(**options)
+
+
+def placeholder_layout(input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor], ph: dict[str, int],
+                       decoders: list[str]) -> dict[str, torch.Tensor]:
+    """ph_index, dec_next_index, dec_next_part over whole rows (see the module docstring)."""
+    ph_index = torch.full_like(input_ids, -1)
+    for pid in ph.values():
+        mask = input_ids == pid
+        ph_index[mask] = torch.arange(int(mask.sum()), device=input_ids.device)
+    dec_next_index = torch.full_like(input_ids, -1)
+    dec_next_part = torch.full_like(input_ids, -1)
+    same_doc = torch.ones_like(input_ids[:, 1:], dtype=torch.bool) if doc_ids is None else \
+        doc_ids[:, 1:] == doc_ids[:, :-1]
+    for j, name in enumerate(decoders):
+        nxt = (input_ids[:, 1:] == ph[name]) & same_doc
+        dec_next_index[:, :-1][nxt] = ph_index[:, 1:][nxt]
+        dec_next_part[:, :-1][nxt] = j
+    return {"ph_index": ph_index, "dec_next_index": dec_next_index, "dec_next_part": dec_next_part}
+
+
+class OmniModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, backbone: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        hidden = cfg.hidden_size
+        self.encoders, self.encoder_proj = nn.ModuleDict(), nn.ModuleDict()
+        self.decoders, self.decoder_proj = nn.ModuleDict(), nn.ModuleDict()
+        self.loss_weights: dict[str, float] = {}
+        self.specs: dict[str, dict] = {}
+        for kind, i, spec in part_specs(cfg):
+            part = build_part(kind, i, spec)
+            name = spec["name"]
+            if name in self.specs:
+                raise ValueError(f"model.{kind}[{i}]: part {name!r} is listed twice; each part appears once")
+            self.specs[name] = spec
+            if kind == "encoders":
+                self.encoders[name] = part
+                self.encoder_proj[name] = nn.Linear(part.out_dim, hidden)
+            else:
+                if hasattr(part, "set_hidden_in"):
+                    part.set_hidden_in(hidden)
+                self.decoders[name] = part
+                self.decoder_proj[name] = nn.Linear(part.embed_dim, hidden)
+                self.loss_weights[name] = float(spec.get("loss_weight", 1.0))
+            if spec.get("freeze"):
+                part.requires_grad_(False)
+        self.ph = placeholder_ids(cfg)
+
+    # ---- what the parallel layer and the trainer see of the backbone ------------------
+    @property
+    def blocks(self) -> nn.ModuleDict:
+        return self.backbone.blocks
+
+    def attention_modules(self) -> list:
+        return self.backbone.attention_modules()
+
+    def set_attention_fn(self, fn) -> None:
+        self.backbone.set_attention_fn(fn)
+
+    def moe_layers(self) -> dict:
+        return self.backbone.moe_layers() if hasattr(self.backbone, "moe_layers") else {}
+
+    def aux_loss(self) -> torch.Tensor:
+        return self.backbone.aux_loss()
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.backbone.flops_per_token(seq_len)
+
+    def init_param_(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
+        head, _, rest = name.partition(".")
+        if head == "backbone":
+            self.backbone.init_param_(rest, tensor, generator)
+        elif head in ("encoders", "decoders"):
+            part_name, _, param = rest.partition(".")
+            getattr(self, head)[part_name].init_param_(param, tensor, generator)
+        elif name.endswith("bias"):
+            tensor.zero_()
+        else:
+            tensor.normal_(0.0, self.cfg.init_std, generator=generator)
+
+    def reset_buffers(self) -> None:
+        self.backbone.reset_buffers()
+
+    # ---- forward -----------------------------------------------------------------------
+    def layout(self, batch: dict) -> dict:
+        if "ph_index" in batch:
+            return batch
+        return {**batch, **placeholder_layout(batch["input_ids"], batch.get("doc_ids"), self.ph, list(self.decoders))}
+
+    def target_counts(self, batch: dict) -> dict[str, int]:
+        """Targets of each loss in this (local) batch: known before the forward pass."""
+        batch = self.layout(batch)
+        counts = {"lm": int(self._text_targets(batch["labels"]).sum())}
+        for j, name in enumerate(self.decoders):
+            counts[name] = int((batch["dec_next_part"] == j).sum())
+        return counts
+
+    def _text_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        mask = labels != -100
+        for pid in self.ph.values():  # a placeholder is never a text target
+            mask &= labels != pid
+        return mask
+
+    def _place(self, emb, ids, pid, ph_index, rows: torch.Tensor, name: str, real: bool):
+        mask = ids == pid
+        if not real:  # dummy payload: keep the part in the graph with zero weight
+            return emb + 0.0 * rows.sum()
+        idx = ph_index[mask]
+        if idx.numel() and int(idx.max()) >= rows.shape[0]:
+            raise ValueError(f"part {name!r}: the text has more placeholder tokens than its payload has embeddings "
+                             f"({int(idx.max()) + 1} > {rows.shape[0]}); make the placeholder count match num_tokens()")
+        return emb.masked_scatter(mask[..., None], rows[idx].to(emb.dtype))
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Sums of cross-entropy per loss ("lm" and each decoder's name) over this batch."""
+        batch = self.layout(batch)
+        ids = batch["input_ids"]
+        payloads = batch.get("payloads", {})
+        full_sequence = "attn_meta" not in batch  # a Ulysses shard cannot check global counts
+        emb = self.backbone.embed(ids)
+        for name, enc in self.encoders.items():
+            payload = payloads.get(name)
+            real = payload is not None
+            if real:
+                enc.check_payload(payload)
+                if full_sequence:
+                    self._check_count(name, int((ids == self.ph[name]).sum()), enc.num_tokens(payload))
+            rows = self.encoder_proj[name](call_part(enc, "lm_encode", payload if real else enc.dummy_payload(ids.device)))
+            emb = self._place(emb, ids, self.ph[name], batch["ph_index"], rows, name, real)
+        codes = {}
+        for name, dec in self.decoders.items():
+            target = payloads.get(name)
+            real = target is not None
+            if real:
+                dec.check_payload(target)
+                if full_sequence:
+                    self._check_count(name, int((ids == self.ph[name]).sum()), dec.num_tokens(target))
+            dec_emb, codes[name] = dec.lm_encode(target if real else dec.dummy_payload(ids.device))
+            rows = self.decoder_proj[name](dec_emb)
+            emb = self._place(emb, ids, self.ph[name], batch["ph_index"], rows, name, real)
+        hidden = self.backbone(position_ids=batch["position_ids"], doc_ids=batch.get("doc_ids"), inputs_embeds=emb,
+                               attn_meta=batch.get("attn_meta"), return_hidden=True)
+        text = self._text_targets(batch["labels"])
+        logits = self.backbone.logits(hidden[text])
+        sums = {"lm": F.cross_entropy(logits.float(), batch["labels"][text], reduction="sum")}
+        for j, (name, dec) in enumerate(self.decoders.items()):
+            sel = batch["dec_next_part"] == j
+            labels = codes[name][batch["dec_next_index"][sel]]
+            sums[name] = dec.lm_head(hidden[sel], labels)[0]
+        return sums
+
+    @staticmethod
+    def _check_count(name: str, placeholders: int, expected: int) -> None:
+        if placeholders != expected:
+            raise ValueError(f"part {name!r}: {placeholders} placeholder tokens in the text but the payload gives "
+                             f"{expected} embeddings; the data must put exactly num_tokens(payload) placeholders")
