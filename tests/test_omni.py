@@ -144,8 +144,10 @@ def test_encoder_rows_land_on_their_placeholders():
     batch = pack_rows([[sample]], n + 6, 0, {"vision": ph}, [], {"vision": enc})
     other = dict(batch, payloads={"vision": {**payload, "pixel_values": torch.randn_like(payload["pixel_values"])}})
     emb = {}
-    hook = model.backbone.blocks["0"].register_forward_pre_hook(lambda m, a, kw: emb.setdefault(len(emb), a[0]),
-                                                                with_kwargs=True)
+    def grab(module, args):
+        emb[len(emb)] = args[0]
+
+    hook = model.backbone.blocks["0"].register_forward_pre_hook(grab)
     with torch.no_grad():
         model(batch), model(other)
     hook.remove()
