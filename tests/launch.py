@@ -38,3 +38,19 @@ def assert_close(a: list[float], b: list[float], rel: float) -> None:
     assert len(a) == len(b), (a, b)
     worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
     assert worst <= rel, f"relative difference {worst:.2e} > {rel:.0e}\n{a}\n{b}"
+
+
+def first_gradients(tmp_path: Path, nproc: int, *overrides: str, config: str = TINY) -> dict:
+    """Every parameter's full gradient after the first forward/backward (tests/grad_worker.py)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / f"grads_{nproc}.pt"
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, str(ROOT / "tests" / "grad_worker.py"), str(out), "--config", config,
+           f"--train.output_dir={tmp_path}", "--checkpoint.enabled=false", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    import torch
+
+    return torch.load(out)

@@ -1,14 +1,9 @@
 """MoE + expert parallelism vs one process with no EP: same losses, same first gradients."""
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
-import torch
 
-from launch import ROOT, assert_close, losses, train
+from launch import ROOT, assert_close, first_gradients, losses, train
 
 MOE = str(ROOT / "examples" / "configs" / "tiny_moe.yaml")
 COMMON = ["--checkpoint.enabled=false"]
@@ -53,22 +48,9 @@ def test_experts_without_tokens_still_match(tmp_path):
     assert_close(losses(ep), losses(ref), rel=1e-5)
 
 
-def _grads(tmp_path, nproc, *overrides):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    out = tmp_path / f"grads_{nproc}.pt"
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, str(ROOT / "tests" / "grad_worker.py"), str(out), "--config", MOE,
-           f"--train.output_dir={tmp_path}", *COMMON, *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return torch.load(out)
-
-
 def test_router_and_expert_gradients_match_one_process(tmp_path):
-    ref = _grads(tmp_path / "one", 1)
-    ep = _grads(tmp_path / "ep", 4, "--parallel.ep_size=4", "--parallel.ep_overlap=true")
+    ref = first_gradients(tmp_path / "one", 1, config=MOE)
+    ep = first_gradients(tmp_path / "ep", 4, "--parallel.ep_size=4", "--parallel.ep_overlap=true", config=MOE)
     moe_keys = [k for k in ref if ".mlp.gate." in k or ".experts." in k]
     assert len(moe_keys) == 3 and ref.keys() == ep.keys()
     assert ep["blocks.1.mlp.experts.gate_up_proj"].shape[0] == 8  # all experts, gathered

@@ -4,14 +4,10 @@
 tiny_dense has 4 query heads and 2 KV heads, so sp 4 also exercises KV-head replication.
 """
 
-import os
-import subprocess
-import sys
 
 import pytest
-import torch
 
-from launch import ROOT, TINY, assert_close, losses, train
+from launch import assert_close, first_gradients, losses, train
 
 COMMON = ["--checkpoint.enabled=false", "--data.seq_len=63"]
 
@@ -34,23 +30,11 @@ def test_sp_loss_trace_matches_one_process(reference, tmp_path, nproc, overrides
     assert all(r["target_tokens"] == ref["target_tokens"] for r, ref in zip(records, reference))
 
 
-def _grads(tmp_path, nproc, *overrides):
-    out = tmp_path / f"grads_{nproc}_{len(overrides)}.pt"
-    worker = str(ROOT / "tests" / "grad_worker.py")
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, worker, str(out), "--config", TINY, f"--train.output_dir={tmp_path}", *COMMON, *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return torch.load(out)
-
-
 @pytest.mark.parametrize("overrides", [["--parallel.sp_size=4"], ["--parallel.sp_size=4", "--parallel.sp_async=true"]],
                          ids=["sync", "async"])
 def test_first_gradients_match_one_process(tmp_path, overrides):
-    ref = _grads(tmp_path, 1)
-    sp = _grads(tmp_path, 4, *overrides)
+    ref = first_gradients(tmp_path / "one", 1, *COMMON)
+    sp = first_gradients(tmp_path / "sp", 4, *COMMON, *overrides)
     assert ref.keys() == sp.keys() and len(ref) > 10
     for name in ref:
         err = (sp[name] - ref[name]).norm() / ref[name].norm()

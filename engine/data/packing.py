@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.ops.attention import cu_seqlens_from_doc_ids  # noqa: F401  (re-exported)
+
 from engine.data.cache import build_once
 from engine.data.corpus import load_documents
 from engine.data.tokenizer import Tokenizer
@@ -178,20 +180,3 @@ def micro_batches(
         samples = [dataset[i] for i in mine[lo : lo + micro_batch_size]]
         batches.append({key: torch.from_numpy(np.stack([s[key] for s in samples])).long() for key in samples[0]})
     return batches
-
-
-def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Cumulative document lengths over the flattened batch, for varlen attention.
-
-    ``doc_ids`` is ``[batch, seq]`` (or ``[seq]``); every row starts a new segment, and
-    so does every change of doc id inside a row. Returns ``(cu_seqlens, max_seqlen)``
-    with ``cu_seqlens`` int32 ``[num_segments + 1]`` starting at 0 and ending at
-    ``batch * seq`` (the flash-attn ``*_varlen_func`` convention).
-    """
-    ids = doc_ids.reshape(1, -1) if doc_ids.dim() == 1 else doc_ids
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    begin = torch.nonzero(starts.reshape(-1), as_tuple=False).reshape(-1)
-    cu_seqlens = torch.cat([begin, begin.new_tensor([ids.numel()])]).to(torch.int32)
-    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
-    return cu_seqlens, max_seqlen

@@ -41,14 +41,22 @@ class AttentionMeta:
     def varlen(self) -> tuple[torch.Tensor, int]:
         """(cu_seqlens int32 over the flattened batch, max document length)."""
         if self._varlen is None:
-            doc = self.doc_ids
-            b, s = doc.shape
-            starts = torch.ones_like(doc, dtype=torch.bool)
-            starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
-            idx = torch.nonzero(starts.flatten(), as_tuple=True)[0]
-            cu = torch.cat([idx, idx.new_tensor([b * s])]).to(torch.int32)
-            self._varlen = (cu, int((cu[1:] - cu[:-1]).max()))
+            self._varlen = cu_seqlens_from_doc_ids(self.doc_ids)
         return self._varlen
+
+
+def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Cumulative document lengths over the flattened batch (flash-attn's varlen format).
+
+    ``doc_ids`` is ``[batch, seq]`` (or ``[seq]``); every row starts a new segment, and so
+    does every change of doc id inside a row.
+    """
+    ids = doc_ids.reshape(1, -1) if doc_ids.dim() == 1 else doc_ids
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    begin = torch.nonzero(starts.reshape(-1), as_tuple=True)[0]
+    cu = torch.cat([begin, begin.new_tensor([ids.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 def _expand_kv(k: torch.Tensor, v: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
