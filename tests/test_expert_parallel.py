@@ -66,3 +66,18 @@ def test_bad_ep_layouts_are_config_errors(tmp_path):
     assert "parallel.ep_size" in out and "backbone=moe" in out
     out = train(tmp_path, 1, "--parallel.ep_size=2", config=MOE, expect_rc=2)[0]["stderr"]  # world of 1
     assert "ep_size=2 must divide dp_shard x sp_size = 1" in out
+
+
+def test_ep_checkpoint_holds_every_expert_and_resumes(tmp_path):
+    """Checkpoints store the global [experts, ...] tensors: resuming under EP continues exactly,
+    and the same checkpoint reshards onto one process without EP."""
+    import shutil
+
+    run = ["--train.steps=6", "--checkpoint.interval=3"]
+    full = train(tmp_path / "full", 2, *run, "--parallel.ep_size=2", config=MOE)
+    for name, nproc, extra in [("ep", 2, ["--parallel.ep_size=2"]), ("one", 1, [])]:
+        out = tmp_path / name
+        shutil.copytree(tmp_path / "full" / "checkpoints" / "step_00000003", out / "checkpoints" / "step_00000003")
+        resumed = train(out, nproc, *run, *extra, config=MOE)
+        assert [r["step"] for r in resumed] == [4, 5, 6]
+        assert_close(losses(resumed), losses(full)[3:], rel=1e-6 if name == "ep" else 1e-5)

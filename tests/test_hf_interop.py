@@ -228,12 +228,12 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     _, path = save_hf(tmp_path, "llama")
-    edit_config(path, architectures=["Qwen3MoeForCausalLM"])
+    edit_config(path, architectures=["MixtralForCausalLM"])
     with pytest.raises(UnsupportedArchitectureError) as e:
         engine.load_pretrained(path)
     msg = one_line(e)
-    assert "Qwen3MoeForCausalLM" in msg and all(a in msg for a in ("LlamaForCausalLM", "Qwen2ForCausalLM",
-                                                                   "Qwen3ForCausalLM"))
+    assert "MixtralForCausalLM" in msg and all(a in msg for a in ("LlamaForCausalLM", "Qwen2ForCausalLM",
+                                                                  "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"))
 
 
 def test_missing_shard_is_named(tmp_path):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert between Hugging Face folders (Llama, Qwen2, Qwen3) and omni-engine checkpoints.
+"""Convert between Hugging Face folders (Llama, Qwen2, Qwen3, Qwen3-MoE) and omni-engine checkpoints.
 
     # HF folder -> a folder training can start from (model.init_from)
     python tools/convert_hf_checkpoint.py import HF_DIR OUT_DIR
@@ -9,8 +9,15 @@
     python tools/convert_hf_checkpoint.py export outputs/run/checkpoints/step_00000100 OUT_DIR \\
         --config CONFIG.yaml --max-shard-size 5GB --dtype bfloat16
 
+    # a Qwen3-MoE folder trains with expert parallelism straight away (each rank reads its experts)
+    torchrun --nproc_per_node=2 pretrain_omni.py --config examples/configs/tiny_moe.yaml \
+        --model.qk_norm=true --model.init_from=HF_DIR --parallel.ep_size=2
+
 Only safetensors are read (no pickles, no remote code); tensors are streamed one at a
-time, so memory stays near one shard. Mistakes print one line and exit with code 2.
+time, so memory stays near one shard. Qwen3-MoE experts: Hugging Face's per-expert
+tensors (what save_pretrained writes) or fused `experts.gate_up_proj` tensors are both
+read and stacked into our fused layout; export writes the per-expert form.
+Mistakes print one line and exit with code 2.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from engine.comm import DistContext, barrier
+from engine.parallel.expert_parallel import globalize_expert_state, restore_expert_state
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -70,7 +71,11 @@ def _first_line(e: BaseException) -> str:
 
 
 class CheckpointManager:
-    def __init__(self, output_dir: str | Path, ctx: DistContext, interval: int, enabled: bool = True):
+    def __init__(self, output_dir: str | Path, ctx: DistContext, interval: int, enabled: bool = True,
+                 expert_mesh=None):
+        """`expert_mesh`: under expert parallelism, the mesh of the global expert tensors, so
+        that expert weights are saved whole ([experts, ...]) rather than per EP rank."""
+        self.expert_mesh = expert_mesh
         self.output_dir = Path(output_dir)
         self.ctx, self.interval, self.enabled = ctx, interval, enabled
 
@@ -83,7 +88,10 @@ class CheckpointManager:
             shutil.rmtree(path)
         barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        originals = {} if self.expert_mesh is None else \
+            globalize_expert_state(model, model_sd, optim_sd, self.expert_mesh)
         dcp.save({"model": model_sd, "optim": optim_sd, "trainer": trainer_state}, checkpoint_id=str(path))
+        restore_expert_state(originals)  # the optimizer's own state dicts may have been edited
         torch.save(_rng_state(), path / f"rng_rank{self.ctx.rank}.pt")
         barrier()
         if self.ctx.is_main:
@@ -105,6 +113,8 @@ class CheckpointManager:
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> dict:
         """Restore in place; returns the saved trainer state."""
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        originals = {} if self.expert_mesh is None else \
+            globalize_expert_state(model, model_sd, optim_sd, self.expert_mesh)
         state = {"model": model_sd, "optim": optim_sd, "trainer": dict(trainer_state)}
         try:
             dcp.load(state, checkpoint_id=str(path))
@@ -113,7 +123,8 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} could not be loaded ({type(e).__name__}: {first[:200]}); "
                                   "it may be corrupt or from a different model config: use checkpoint.resume=none "
                                   "or point checkpoint.resume at another step_* directory") from e
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        restore_expert_state(originals)  # the global views wrote into these in place
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         rng_file = path / f"rng_rank{self.ctx.rank}.pt"
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=True))

@@ -21,7 +21,10 @@ def grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, counts: torch.Tensor) ->
     if hasattr(torch, "_grouped_mm") and _grouped_mm_ok(x):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x, weight_t, offs=offs))
-    outs = [xe @ weight_t[e] for e, xe in enumerate(torch.split(x, counts.tolist())) if xe.shape[0]]
+    # unbind, not weight_t[e]: indexing would make autograd build a full [E, K, N] zero
+    # gradient for every expert
+    weights = weight_t.unbind(0)
+    outs = [xe @ weights[e] for e, xe in enumerate(torch.split(x, counts.tolist())) if xe.shape[0]]
     return torch.cat(outs) if outs else x.new_zeros((0, weight_t.shape[-1]))
 
 
@@ -48,7 +51,8 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
         try:
             a = torch.ones(4, 8, device=x.device, dtype=x.dtype, requires_grad=True)
             b = torch.ones(2, 8, 8, device=x.device, dtype=x.dtype, requires_grad=True)
-            torch._grouped_mm(a, b, offs=torch.tensor([1, 4], device=x.device, dtype=torch.int32)).sum().backward()
+            y = torch._grouped_mm(a, b, offs=torch.tensor([1, 4], device=x.device, dtype=torch.int32))
+            y.backward(torch.ones_like(y))  # a dense gradient, as _ContiguousGrad guarantees
             _GROUPED_OK[key] = True
         except (RuntimeError, NotImplementedError):
             _GROUPED_OK[key] = False

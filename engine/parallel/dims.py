@@ -56,7 +56,7 @@ class ParallelDims:
         if self.ep > 1:
             from .expert_parallel import build_ep_meshes
 
-            meshes.ep, meshes.expert_fsdp = build_ep_meshes(device_type, self.dp_replicate, self.dp_shard * self.sp,
+            meshes.ep, meshes.expert_fsdp, meshes.expert_global = build_ep_meshes(device_type, self.dp_replicate, self.dp_shard * self.sp,
                                                             self.ep)
         return meshes
 
@@ -69,6 +69,7 @@ class Meshes:
     sp: DeviceMesh
     ep: Optional[DeviceMesh] = None
     expert_fsdp: Optional[DeviceMesh] = None
+    expert_global: Optional[DeviceMesh] = None
 
     @property
     def dp_rank(self) -> int:

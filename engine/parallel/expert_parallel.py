@@ -18,17 +18,59 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from engine.comm import all_reduce_autograd, all_to_all_single, start_all_to_all_single
 from engine.ops.moe import permute, unpermute
 
 
-def build_ep_meshes(device_type: str, dp_replicate: int, dp_shard_sp: int, ep: int) -> tuple[DeviceMesh, DeviceMesh]:
-    """(ep mesh, FSDP mesh for expert weights: (dp_replicate, ep_fsdp) or (ep_fsdp,))."""
-    mesh = init_device_mesh(device_type, (dp_replicate, dp_shard_sp // ep, ep),
-                            mesh_dim_names=("dp_replicate", "ep_fsdp", "ep"))
+def build_ep_meshes(device_type: str, dp_replicate: int, dp_shard_sp: int, ep: int) -> tuple[DeviceMesh, ...]:
+    """(ep mesh, FSDP mesh of expert weights, mesh of the global expert tensors).
+
+    Axis order (dp_replicate, ep, ep_fsdp): a global [E, ...] expert tensor is then exactly
+    Shard(0) over ep followed by Shard(0) over ep_fsdp (FSDP's shard of the EP rank's rows),
+    which is how checkpoints store it (see `global_expert_placements`).
+    """
+    mesh = init_device_mesh(device_type, (dp_replicate, ep, dp_shard_sp // ep),
+                            mesh_dim_names=("dp_replicate", "ep", "ep_fsdp"))
     fsdp = mesh["dp_replicate", "ep_fsdp"] if dp_replicate > 1 else mesh["ep_fsdp"]
-    return mesh["ep"], fsdp
+    return mesh["ep"], fsdp, (mesh if dp_replicate > 1 else mesh["ep", "ep_fsdp"])
+
+
+def global_expert_placements(mesh: DeviceMesh) -> tuple:
+    lead = (Replicate(),) if mesh.ndim == 3 else ()
+    return (*lead, Shard(0), Shard(0))
+
+
+def globalize_expert_state(model: nn.Module, model_sd: dict, optim_sd: dict, mesh: DeviceMesh) -> dict:
+    """Replace each rank's expert tensors (rows of its own experts, FSDP-sharded) in DCP
+    state dicts by views of the global [E, ...] tensor, so that every rank's experts are
+    saved (and a checkpoint reshards to any EP size). Values alias the originals; returns
+    {key path: original} to put back after loading."""
+    placements = global_expert_placements(mesh)
+    originals = {}
+    for mod_name, module in model.named_modules():
+        rows = getattr(module, "global_rows", None)
+        if not rows:
+            continue
+        prefix = mod_name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+        for pname, (shape, _) in rows.items():
+            fqn = f"{prefix}.{pname}"
+            param_state = optim_sd.get("state", {}).get(fqn, {})
+            targets = [(model_sd, fqn)] + [(param_state, k) for k, v in param_state.items()
+                                          if isinstance(v, DTensor) and v.ndim == len(shape)]
+            for container, key in targets:
+                local = container[key]
+                originals[(id(container), key)] = (container, key, local)
+                stride = torch.empty(shape, device="meta").stride()
+                container[key] = DTensor.from_local(local.to_local(), mesh, placements, run_check=False,
+                                                    shape=torch.Size(shape), stride=stride)
+    return originals
+
+
+def restore_expert_state(originals: dict) -> None:
+    for container, key, value in originals.values():
+        container[key] = value
 
 
 class AllToAllDispatcher:

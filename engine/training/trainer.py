@@ -86,7 +86,8 @@ class Trainer:
 
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        self.ckpt = CheckpointManager(self.output_dir, ctx, cfg.checkpoint.interval, cfg.checkpoint.enabled)
+        self.ckpt = CheckpointManager(self.output_dir, ctx, cfg.checkpoint.interval, cfg.checkpoint.enabled,
+                                      expert_mesh=self.meshes.expert_global if self.meshes else None)
         self.step = 0
         resume_from = self.ckpt.resolve_resume(cfg.checkpoint.resume)
         if resume_from is None and cfg.model.init_from:  # pretrained weights, each rank keeps its shards

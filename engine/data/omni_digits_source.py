@@ -1,0 +1,451 @@
+"""The omni-digits training stream: five tasks interleaved, packed into full rows.
+
+Tasks (a sample is one short document; `<x>` stands for a part's placeholder tokens):
+    image           "which digit is this? <vision>" -> " it is seven" EOS
+    audio           "what number is spoken? <audio>" -> " 3 5 1" EOS
+    video           "which digits are shown? <vision: t = 2..4 temporal patches>" -> " 3 5 1" EOS
+    text_to_image   "draw a seven:" / "draw the digit 7:" -> <image_vq codes of a training image>
+    text            a window of the Shakespeare token stream
+Only the answers (and the image codes, through the decoder's head) are targets; a task
+whose part the model lacks is left out.
+
+Like `SyntheticOmniData`, row r of step s is drawn from its own generator seeded by
+(seed, s, r), so a global batch is the same whatever the parallel layout or resume point.
+A row is filled by drawing samples until one no longer fits (a few more tries), then the
+gap is closed with a Shakespeare window of exactly its length: a row wastes at most one
+padding token. Each micro-batch carries `real_tokens` and `padding_tokens` (scalars).
+
+Video: each digit image is one temporal patch (its frame repeated temporal_patch_size
+times), so a k-digit video has grid (k, h, w) and its pixel patches are the k images'
+patches in a row (patchify's layout).
+
+The image_vq tokenizer must be trained on the training images before the language model
+learns its codes: `load_vq_tokenizer(model, cfg)` (call it after materialisation) trains
+it once per decoder config (cached under the dataset's vq/ directory) and copies it in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.data.cache import build_once
+
+from .omni_digits import (DIGIT_WORDS, IMAGE_MAX, IMAGE_SIDE, SAMPLE_RATE, Item, SkipCounter, content_hash,
+                          ensure_omni_digits, load_split, read_meta)
+from .omni_packing import IGNORE, OmniSample, pack_rows
+
+log = logging.getLogger(__name__)
+
+TASKS = ("image", "audio", "video", "text_to_image", "text")
+DEFAULT_WEIGHTS = {"image": 0.2, "audio": 0.35, "video": 0.15, "text_to_image": 0.2, "text": 0.1}
+PROMPTS = {
+    "image": "which digit is this?",
+    "audio": "what number is spoken?",
+    "video": "which digits are shown?",
+}
+DRAW_PROMPTS = ("draw a {word}:", "draw the digit {digit}:")
+VIDEO_LENGTHS = (2, 3, 4)
+MIN_FILL = 2          # shortest text filler (one target token)
+MAX_MISSES = 8        # draws that did not fit before the row is closed
+TEXT_LENGTHS = (16, 96)
+
+
+def image_answer(digit: int) -> str:
+    return f" it is {DIGIT_WORDS[digit]}"
+
+
+def digits_answer(digits) -> str:
+    return " " + " ".join(str(d) for d in digits)
+
+
+def parse_digits(text: str) -> list[int]:
+    """Digits named in a generated answer, in order ("it is seven" -> [7], "3 5 1" -> [3, 5, 1])."""
+    out = []
+    for word in text.replace(",", " ").replace(".", " ").split():
+        w = word.lower()
+        if w in DIGIT_WORDS:
+            out.append(DIGIT_WORDS.index(w))
+        elif w.isdigit():
+            out += [int(c) for c in w]
+    return out
+
+
+def image_to_unit(data: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 [8, 8] in 0..16 -> float [size, size] in [0, 1] (bilinear resize)."""
+    x = torch.as_tensor(data.astype(np.float32) / IMAGE_MAX)
+    if size != data.shape[0]:
+        x = F.interpolate(x[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    return x
+
+
+@dataclass
+class _Spec:
+    """A drawn sample before its tensors are built (its length is known)."""
+
+    kind: str
+    items: tuple[int, ...]  # indices into the split's items
+    length: int
+    extra: int = 0          # text_to_image: prompt template; text: start offset
+
+
+class OmniDigitsData:
+    """`micro_batches(step, global_batch_size, dp_rank, dp_size, micro_batch_size)` over the
+    omni-digits training (or held-out) split, for the parts of an omni model.
+
+    `parts`: part name -> module (may be on the meta device: only shapes are used);
+    `text_tokens`: the Shakespeare token stream (text task and row filler)."""
+
+    def __init__(self, root: str | Path, tokenizer, text_tokens: np.ndarray, parts: dict, ph: dict[str, int],
+                 decoders: list[str], seq_len: int, seed: int, split: str = "train", strict: bool = False,
+                 weights: Optional[dict[str, float]] = None, fill_text: bool = True):
+        self.root, self.tokenizer, self.text_tokens = Path(root), tokenizer, text_tokens
+        self.parts, self.ph, self.decoders = parts, ph, decoders
+        self.seq_len, self.seed, self.split, self.fill_text = seq_len, seed, split, fill_text
+        self.pad_id, self.eos_id = tokenizer.pad_id, tokenizer.eos_id
+        self.meta = read_meta(self.root)
+        self.skipped = SkipCounter(strict=strict)
+        items, _ = load_split(self.root, split, strict=strict, skipped=self.skipped)
+        self.vision = self._part("vision")
+        self.audio = self._part("audio")
+        self.image_vq = self._part("image_vq")
+        others = sorted(set(parts) - {n for n in (self.vision, self.audio, self.image_vq) if n})
+        if others:
+            log.warning("omni_digits has no data for part(s) %s: they run their dummy payloads", others)
+        self._enc = {}
+        for kind, text in PROMPTS.items():
+            self._enc[kind] = tokenizer.encode(text)
+        self._image_answers = [tokenizer.encode(image_answer(d)) + [self.eos_id] for d in range(10)]
+        self._draw = [[tokenizer.encode(t.format(word=DIGIT_WORDS[d], digit=d)) for d in range(10)]
+                      for t in DRAW_PROMPTS]
+
+        self.images = [it for it in items if it.kind == "image"]
+        self.audio_items: list[Item] = []
+        self._audio_feats: list[torch.Tensor] = []
+        self._audio_tokens: list[int] = []
+        if self.vision:
+            self._prepare_vision()
+        if self.audio:
+            self._prepare_audio([it for it in items if it.kind == "audio"])
+        if self.image_vq:
+            self._prepare_image_vq()
+        self.weights = self._task_weights(weights)
+        if self.skipped.total:
+            log.warning("omni_digits %s: skipped %d sample(s): %s; e.g. %s", split, self.skipped.total,
+                        self.skipped.counts, self.skipped.examples[:2])
+
+    # ------------------------------------------------------------------ setup
+
+    def _part(self, registered: str) -> Optional[str]:
+        names = [n for n, p in self.parts.items() if getattr(type(p), "registered_name", None) == registered]
+        return names[0] if names else None
+
+    def _prepare_vision(self) -> None:
+        enc = self.parts[self.vision]
+        unit = enc.patch_size * enc.spatial_merge_size
+        self.vision_size = unit * math.ceil(IMAGE_SIDE / unit)
+        self._vision_pixels = []
+        for it in self.images:
+            x = (image_to_unit(it.data, self.vision_size) - 0.5) / 0.5
+            frame = x[None].expand(enc.in_channels, -1, -1)
+            pix, grid = enc.patchify(frame)
+            self._vision_pixels.append(pix)
+        self._vision_grid = grid if self.images else None  # the same (1, h, w) for every image
+        self.vision_tokens = enc.num_tokens({"pixel_values": self._vision_pixels[0], "grid_thw": grid[None]}) \
+            if self.images else 0
+
+    def _prepare_audio(self, items: list[Item]) -> None:
+        from engine.modalities.audio import log_mel
+
+        enc = self.parts[self.audio]
+        fixed = len(self._enc["audio"]) + 2  # prompt + answer's EOS + at least one answer token
+        for it in items:
+            wav = it.data.astype(np.float32) / 32768.0
+            feats = log_mel(wav, SAMPLE_RATE, enc.num_mel_bins)
+            frames = feats.shape[1]
+            if frames > enc.max_frames:
+                self.skipped.skip("audio longer than the audio encoder's window", it.where,
+                                  f"{frames} frames > 2 * max_source_positions = {enc.max_frames}")
+                continue
+            if frames < enc.min_frames:
+                self.skipped.skip("audio too short for the audio encoder", it.where, f"{frames} frames")
+                continue
+            n = int(enc.tokens_per_clip(torch.tensor([frames]))[0])
+            length = fixed + n + len(self.tokenizer.encode(digits_answer(it.digits))) - 1
+            if length > self.seq_len:
+                self.skipped.skip("sample longer than data.seq_len", it.where, f"{length} > {self.seq_len} tokens")
+                continue
+            self.audio_items.append(it)
+            self._audio_feats.append(feats)
+            self._audio_tokens.append(n)
+
+    def _prepare_image_vq(self) -> None:
+        dec = self.parts[self.image_vq]
+        self.vq_size, self.vq_codes = dec.image_size, dec.codes_per_image
+        longest = max(len(p) for t in self._draw for p in t) + self.vq_codes
+        if longest > self.seq_len:
+            for it in self.images:
+                self.skipped.skip("text_to_image sample longer than data.seq_len", it.where,
+                                  f"{longest} > {self.seq_len} tokens")
+            self.image_vq = None
+
+    def vq_pixels(self, item: Item) -> torch.Tensor:
+        """[1, C, S, S] in [-1, 1]: an image as the image_vq decoder's target."""
+        dec = self.parts[self.image_vq]
+        x = (image_to_unit(item.data, self.vq_size) - 0.5) / 0.5
+        return x[None, None].expand(1, dec.in_channels, -1, -1).contiguous()
+
+    def _task_weights(self, weights: Optional[dict[str, float]]) -> dict[str, float]:
+        weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
+        unknown = set(weights) - set(TASKS)
+        if unknown:
+            raise ValueError(f"omni_digits: unknown task(s) {sorted(unknown)} in weights; tasks are {TASKS}")
+        available = {"image": bool(self.vision and self.images), "video": bool(self.vision and self.images),
+                     "audio": bool(self.audio and self.audio_items),
+                     "text_to_image": bool(self.image_vq and self.images), "text": len(self.text_tokens) > 200}
+        out = {k: float(w) for k, w in weights.items() if w > 0 and available[k]}
+        if not any(k != "text" for k in out):
+            raise ValueError(f"omni_digits: no task can be drawn for parts {sorted(self.parts)} "
+                             f"(usable samples: {len(self.images)} images, {len(self.audio_items)} clips); "
+                             "the model needs a vision, audio or image_vq part")
+        total = sum(out.values())
+        return {k: v / total for k, v in out.items()}
+
+    # ------------------------------------------------------------------ samples
+
+    def _draw_spec(self, rng: np.random.Generator, kinds: list[str], probs: np.ndarray) -> _Spec:
+        kind = kinds[int(rng.choice(len(kinds), p=probs))]
+        if kind == "image":
+            i = int(rng.integers(len(self.images)))
+            d = self.images[i].digits[0]
+            return _Spec(kind, (i,), len(self._enc["image"]) + self.vision_tokens + len(self._image_answers[d]) - 1)
+        if kind == "audio":
+            i = int(rng.integers(len(self.audio_items)))
+            answer = len(self.tokenizer.encode(digits_answer(self.audio_items[i].digits))) + 1
+            return _Spec(kind, (i,), len(self._enc["audio"]) + self._audio_tokens[i] + answer - 1)
+        if kind == "video":
+            k = int(rng.choice(VIDEO_LENGTHS))
+            idx = tuple(int(i) for i in rng.integers(len(self.images), size=k))
+            answer = len(self.tokenizer.encode(digits_answer([self.images[i].digits[0] for i in idx]))) + 1
+            return _Spec(kind, idx, len(self._enc["video"]) + k * self.vision_tokens + answer - 1)
+        if kind == "text_to_image":
+            i = int(rng.integers(len(self.images)))
+            t = int(rng.integers(len(DRAW_PROMPTS)))
+            return _Spec(kind, (i,), len(self._draw[t][self.images[i].digits[0]]) + self.vq_codes, extra=t)
+        n = int(rng.integers(TEXT_LENGTHS[0], TEXT_LENGTHS[1] + 1))
+        return _Spec("text", (), n, extra=int(rng.integers(0, len(self.text_tokens) - n - 1)))
+
+    def _text(self, start: int, n: int) -> OmniSample:
+        seq = [int(t) for t in self.text_tokens[start:start + n + 1]]
+        return OmniSample(seq[:-1], seq[1:])
+
+    @staticmethod
+    def _qa(prompt: list[int], ph_id: int, n: int, answer: list[int], payloads: dict) -> OmniSample:
+        """prompt, n placeholders, answer: only the answer (predicted from the last
+        placeholder on) is a target."""
+        full = prompt + [ph_id] * n + answer
+        first = len(prompt) + n
+        labels = [full[i + 1] if i + 1 >= first else IGNORE for i in range(len(full) - 1)]
+        return OmniSample(full[:-1], labels, payloads)
+
+    def vision_payload(self, idx) -> dict[str, torch.Tensor]:
+        """The vision payload of images `idx`: one image (t = 1) or a video (t = len(idx))."""
+        _, h, w = self._vision_grid.tolist()
+        pix = torch.cat([self._vision_pixels[i] for i in idx])
+        return {"pixel_values": pix, "grid_thw": torch.tensor([[len(idx), h, w]], dtype=torch.long)}
+
+    def audio_payload(self, i: int) -> dict[str, torch.Tensor]:
+        f = self._audio_feats[i]
+        return {"input_features": f[None], "feature_lens": torch.tensor([f.shape[1]], dtype=torch.long)}
+
+    def build_sample(self, spec: _Spec, with_answer: bool = True) -> OmniSample:
+        """The sample of a spec; without the answer (for generation) it ends after the
+        placeholders (tokens only, no labels)."""
+        k = spec.kind
+        if k == "text":
+            return self._text(spec.extra, spec.length)
+        if k == "text_to_image":
+            item = self.images[spec.items[0]]
+            prompt = self._draw[spec.extra][item.digits[0]]
+            n = self.vq_codes
+            return OmniSample(prompt + [self.ph[self.image_vq]] * n, [IGNORE] * (len(prompt) + n),
+                              {self.image_vq: [{"pixel_values": self.vq_pixels(item)}]})
+        if k == "audio":
+            item = self.audio_items[spec.items[0]]
+            payload, part, n = self.audio_payload(spec.items[0]), self.audio, self._audio_tokens[spec.items[0]]
+            answer = self.tokenizer.encode(digits_answer(item.digits)) + [self.eos_id]
+        else:
+            payload, part = self.vision_payload(spec.items), self.vision
+            n = self.vision_tokens * len(spec.items)
+            digits = [self.images[i].digits[0] for i in spec.items]
+            answer = self._image_answers[digits[0]] if k == "image" else \
+                self.tokenizer.encode(digits_answer(digits)) + [self.eos_id]
+        prompt = self._enc[k]
+        if not with_answer:
+            tokens = prompt + [self.ph[part]] * n
+            return OmniSample(tokens, [IGNORE] * len(tokens), {part: [payload]})
+        return self._qa(prompt, self.ph[part], n, answer, {part: [payload]})
+
+    def row(self, step: int, row: int) -> list[OmniSample]:
+        """The samples of row `row` of step `step`, filling seq_len up to at most one token."""
+        rng = np.random.default_rng([self.seed, step, row])
+        kinds = list(self.weights)
+        probs = np.array([self.weights[k] for k in kinds])
+        specs, left, misses = [], self.seq_len, 0
+        while misses < MAX_MISSES and left >= MIN_FILL:
+            spec = self._draw_spec(rng, kinds, probs)
+            if spec.kind == "text":
+                spec.length = min(spec.length, left)
+            if spec.length <= left:
+                specs.append(spec)
+                left -= spec.length
+            else:
+                misses += 1
+        if self.fill_text and left >= MIN_FILL and len(self.text_tokens) > left + 1:
+            specs.append(_Spec("text", (), left, extra=int(rng.integers(0, len(self.text_tokens) - left - 1))))
+        return [self.build_sample(s) for s in specs]
+
+    def micro_batches(self, step: int, global_batch_size: int, dp_rank: int, dp_size: int,
+                      micro_batch_size: int) -> list[dict]:
+        per_rank = global_batch_size // dp_size
+        first = dp_rank * per_rank
+        batches = []
+        for lo in range(first, first + per_rank, micro_batch_size):
+            rows = [self.row(step, r) for r in range(lo, lo + micro_batch_size)]
+            batch = pack_rows(rows, self.seq_len, self.pad_id, self.ph, self.decoders, self.parts)
+            batch["padding_tokens"] = torch.tensor(len(rows) * self.seq_len - int(batch["real_tokens"]))
+            batches.append(batch)
+        return batches
+
+    def stats(self) -> dict:
+        return {"split": self.split, "images": len(self.images), "audio_clips": len(self.audio_items),
+                "weights": self.weights, "skipped": dict(self.skipped.counts),
+                "vision_tokens_per_image": getattr(self, "vision_tokens", None),
+                "audio_tokens_mean": float(np.mean(self._audio_tokens)) if self._audio_tokens else None,
+                "image_vq_codes": getattr(self, "vq_codes", None)}
+
+
+# ---------------------------------------------------------------------- config glue
+
+def build_omni_digits_data(cfg, model, tokenizer, text_tokens: np.ndarray, split: str = "train",
+                           strict: bool = False) -> OmniDigitsData:
+    """The source for `cfg` (data.cache_dir, data.seq_len, train.seed) and an omni model."""
+    from engine.config import expand_path
+    from engine.models.omni import placeholder_ids
+
+    root = ensure_omni_digits(expand_path(cfg.data.cache_dir))
+    parts = {**dict(model.encoders.items()), **dict(model.decoders.items())}
+    return OmniDigitsData(root, tokenizer, text_tokens, parts, placeholder_ids(cfg.model), list(model.decoders),
+                          cfg.data.seq_len, cfg.train.seed, split=split, strict=strict)
+
+
+# ---------------------------------------------------------------------- VQ tokenizer
+
+VQ_TRAIN = {"steps": 800, "lr": 2e-3, "batch_size": 64, "seed": 0}
+_LM_ONLY = ("projection_dim", "num_hidden_layers", "hidden_act", "hidden_in", "train_vqvae")
+
+
+def _vq_options(spec: dict) -> dict:
+    """The options of an image_vq spec that shape its VQ-VAE, defaults filled in."""
+    import inspect
+
+    from engine.modalities.image_vq import ImageVQDecoder
+    from engine.models.omni import RESERVED_KEYS
+
+    params = inspect.signature(ImageVQDecoder.__init__).parameters
+    opts = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    opts.update({k: v for k, v in spec.items() if k not in RESERVED_KEYS})
+    opts = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items() if k not in _LM_ONLY}
+    return opts
+
+
+def training_images(root: Path, size: int, channels: int) -> torch.Tensor:
+    """[N, channels, size, size] in [-1, 1]: the training split's images."""
+    items, _ = load_split(root, "train")
+    images = [(image_to_unit(it.data, size) - 0.5) / 0.5 for it in items if it.kind == "image"]
+    return torch.stack(images)[:, None].expand(-1, channels, -1, -1).contiguous()
+
+
+def ensure_vq_tokenizer(root: str | Path, spec: dict, train: Optional[dict] = None) -> Path:
+    """`<root>/vq/image_vq_<hash>.pt`: the VQ-VAE (state dict of `vqmodel`) of an image_vq
+    decoder with options `spec`, trained on the training images with `train_vqvae` the
+    first time (under a file lock, so every rank may call this)."""
+    from engine.modalities.image_vq import ImageVQDecoder, reconstruction_error, train_vqvae
+
+    root = Path(root)
+    train = {**VQ_TRAIN, **(train or {})}
+    opts = _vq_options(spec)
+    meta = read_meta(root)
+    key = content_hash({"vq": opts, "train": train, "data": meta["options"]})
+    path = root / "vq" / f"image_vq_{key}.pt"
+
+    def build(tmp: Path) -> None:
+        import time
+
+        torch.manual_seed(train["seed"])
+        dec = ImageVQDecoder(**{k: v for k, v in opts.items()})
+        images = training_images(root, dec.image_size, dec.in_channels)
+        t0 = time.perf_counter()
+        with torch.random.fork_rng():
+            history = train_vqvae(dec, images, steps=train["steps"], lr=train["lr"], batch_size=train["batch_size"],
+                                  seed=train["seed"])
+        seconds = time.perf_counter() - t0
+        mse = reconstruction_error(dec, images)
+        log.info("trained the image_vq tokenizer on %d images in %.1f s (reconstruction mse %.4f)", len(images),
+                 seconds, mse)
+        torch.save({"vqmodel": dec.vqmodel.state_dict(), "options": opts, "train": train, "seconds": seconds,
+                    "train_mse": mse, "final_loss": history[-1]}, tmp)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return build_once(path, build)
+
+
+@torch.no_grad()
+def load_vq_tokenizer(model, cfg) -> list[str]:
+    """Copy the pre-trained VQ tokenizer into every image_vq decoder of `model` (after
+    materialisation; FSDP-sharded parameters keep their own shard). Trains it first if it
+    is not cached. Returns the names of the decoders loaded."""
+    from engine.config import expand_path
+    from engine.modalities.image_vq import ImageVQDecoder
+
+    root = ensure_omni_digits(expand_path(cfg.data.cache_dir))
+    specs = {s["name"]: s for s in cfg.model.decoders}
+    loaded = []
+    for name, dec in model.decoders.items():
+        if not isinstance(dec, ImageVQDecoder):
+            continue
+        state = torch.load(ensure_vq_tokenizer(root, specs[name]), map_location="cpu", weights_only=True)["vqmodel"]
+        copy_full_tensors_(dec.vqmodel, state, f"decoders.{name}.vqmodel")
+        loaded.append(name)
+    return loaded
+
+
+def copy_full_tensors_(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """module's parameters and buffers <- full tensors of `state` (strict), each rank keeping
+    its own shard of a sharded (DTensor) parameter, as `load_weights_` does."""
+    own = dict(module.named_parameters())
+    own.update(dict(module.named_buffers()))
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"{where}: cached tokenizer does not match the module: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}; delete the cached file to retrain it")
+    for name, full in state.items():
+        p = own[name]
+        if tuple(full.shape) != tuple(p.shape):
+            raise ValueError(f"{where}.{name}: cached shape {tuple(full.shape)} != model shape {tuple(p.shape)}; "
+                             "delete the cached file to retrain it")
+        if hasattr(p, "device_mesh") and hasattr(p, "to_local"):  # a DTensor: keep this rank's shard
+            from torch.distributed.tensor import distribute_tensor
+
+            shard = distribute_tensor(full.to(p.to_local().device, p.dtype), p.device_mesh, p.placements,
+                                      src_data_rank=None)
+            p.to_local().copy_(shard.to_local())
+        else:
+            p.copy_(full.to(p.device, p.dtype))
