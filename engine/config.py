@@ -69,7 +69,8 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0
     """Width of a sigmoid-gated shared expert (Qwen2-MoE); 0 = none."""
     attention_backend: str = "auto"
-    """auto (flash-attn on CUDA where installed, else SDPA), sdpa, flash_attn, eager."""
+    """auto (CUDA: flash-attn where installed, else sdpa; CPU: sdpa_doc), sdpa (one call with a
+    document mask), sdpa_doc (one causal call per document, no S x S mask), flash_attn, eager."""
     encoders: list[dict] = field(default_factory=list)
     """Omni parts that read a modality, by registered name, e.g. [{name: vision, depth: 2,
     freeze: false, init_from: null, recipe: fsdp}]; other keys are the part's options."""
@@ -174,7 +175,7 @@ class Config:
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _CHOICES = {
     "model.backbone": ("dense", "moe"),
-    "model.attention_backend": ("auto", "sdpa", "flash_attn", "eager"),
+    "model.attention_backend": ("auto", "sdpa", "sdpa_doc", "flash_attn", "eager"),
     "parallel.backend": ("auto", "nccl", "gloo", "fake"),
     "train.dtype": ("fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),

@@ -5,7 +5,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.models import build_backbone
-from engine.ops.attention import AttentionMeta, eager_attention, sdpa_attention
+from engine.ops.attention import AttentionMeta, eager_attention, sdpa_attention, sdpa_by_document
 
 
 def tiny(**kw):
@@ -36,12 +36,13 @@ def test_packed_row_equals_documents_run_alone(kw):
     assert not torch.allclose(leaky[:, 7:], alone[:, 7:], atol=1e-3)
 
 
-def test_sdpa_matches_eager_reference_with_gqa_and_documents():
+@pytest.mark.parametrize("kernel", [sdpa_attention, sdpa_by_document])
+def test_sdpa_matches_eager_reference_with_gqa_and_documents(kernel):
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 8, 12, 16), torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 16)
     doc = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
     meta = AttentionMeta(doc_ids=doc)
-    assert torch.allclose(sdpa_attention(q, k, v, meta), eager_attention(q, k, v, meta), atol=1e-5)
+    assert torch.allclose(kernel(q, k, v, meta), eager_attention(q, k, v, AttentionMeta(doc_ids=doc)), atol=1e-5)
 
 
 def test_varlen_boundaries():

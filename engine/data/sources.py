@@ -12,7 +12,7 @@ from .packing import PackedTextDataset, micro_batches
 from .text_dataset import build_text_dataset
 from .tokenizer import Tokenizer
 
-OMNI_DATASETS = ("synthetic_omni",)
+OMNI_DATASETS = ("synthetic_omni", "omni_digits")
 
 
 @dataclass
@@ -39,6 +39,10 @@ def build_train_data(cfg: Config, model: nn.Module) -> tuple[object, Tokenizer]:
                                          cfg.data.seq_len, cfg.train.seed)
     if not omni:
         return TextData(text), tokenizer
+    if name == "omni_digits":  # real digits: images, speech, videos, drawing (engine/data/omni_digits.py)
+        from .omni_digits_source import build_omni_digits_data
+
+        return build_omni_digits_data(cfg, model, tokenizer, text.tokens), tokenizer
     from .synthetic_omni import SyntheticOmniData
 
     parts = {**dict(model.encoders.items()), **dict(model.decoders.items())}

@@ -73,6 +73,22 @@ def sdpa_attention(q, k, v, meta: AttentionMeta) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=meta.bool_mask(q.shape[2], q.device))
 
 
+def sdpa_by_document(q, k, v, meta: AttentionMeta) -> torch.Tensor:
+    """One causal SDPA call per document: no S x S mask is ever built, so memory grows with
+    the documents' lengths, not the square of the packed sequence (the CPU counterpart of
+    flash-attn's varlen kernel; what lets Ulysses SP reach long sequences)."""
+    if meta.doc_ids is None:
+        return sdpa_attention(q, k, v, meta)
+    b, h, s, d = q.shape
+    k, v = _expand_kv(k, v, h)
+    cu, _ = meta.varlen()
+    flat = [t.transpose(1, 2).reshape(b * s, h, d) for t in (q, k, v)]
+    bounds = cu.tolist()
+    outs = [F.scaled_dot_product_attention(*(t[lo:hi].transpose(0, 1)[None] for t in flat), is_causal=True)[0]
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs, dim=1).reshape(h, b, s, d).transpose(0, 1)
+
+
 def eager_attention(q, k, v, meta: AttentionMeta) -> torch.Tensor:
     """Reference implementation (explicit softmax in fp32); slow, used to check the others."""
     k, v = _expand_kv(k, v, q.shape[1])
@@ -104,8 +120,12 @@ def flash_attn_available() -> bool:
 
 def get_attention_fn(backend: str, device_type: str) -> AttentionFn:
     if backend == "auto":
-        backend = "flash_attn" if device_type == "cuda" and flash_attn_available() else "sdpa"
+        if device_type == "cuda":
+            backend = "flash_attn" if flash_attn_available() else "sdpa"
+        else:
+            backend = "sdpa_doc"
     if backend == "flash_attn" and not flash_attn_available():
         raise ValueError("model.attention_backend=flash_attn needs the flash-attn package and a CUDA device; "
                          "install the [gpu] extra or use model.attention_backend=sdpa")
-    return {"sdpa": sdpa_attention, "eager": eager_attention, "flash_attn": flash_attention}[backend]
+    return {"sdpa": sdpa_attention, "sdpa_doc": sdpa_by_document, "eager": eager_attention,
+            "flash_attn": flash_attention}[backend]
