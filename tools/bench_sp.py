@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model (scaling benchmark)")
     m.add_argument("--hidden", type=int, default=256)
+    m.add_argument("--attention", default="auto", help="model.attention_backend (auto = sdpa_doc on CPU: no S x S "
+                   "mask; sdpa = one call with a boolean document mask)")
     m.add_argument("--heads", type=int, default=8)
     m.add_argument("--kv-heads", type=int, default=4)
     m.add_argument("--layers", type=int, default=4)
@@ -113,7 +115,7 @@ def machine() -> dict:
 
 def model_args(a: argparse.Namespace) -> dict:
     return {"vocab": a.vocab, "hidden": a.hidden, "intermediate": a.intermediate, "layers": a.layers,
-            "heads": a.heads, "kv_heads": a.kv_heads, "batch": 1}
+            "heads": a.heads, "kv_heads": a.kv_heads, "batch": 1, "attention": a.attention}
 
 
 # -------------------------------------------------------------------------------- benchmarks

@@ -60,7 +60,7 @@ def make_config(a: dict, seq: int, sp: int, sp_async: bool = False, dtype: str =
     m = cfg.model
     m.vocab_size, m.hidden_size, m.intermediate_size = a["vocab"], a["hidden"], a["intermediate"]
     m.num_layers, m.num_heads, m.num_kv_heads = a["layers"], a["heads"], a["kv_heads"]
-    m.attention_backend = "sdpa"
+    m.attention_backend = a.get("attention", "auto")
     m.max_position_embeddings = max(m.max_position_embeddings, seq)
     cfg.data.seq_len, cfg.data.global_batch_size = seq, a["batch"]
     cfg.parallel.sp_size, cfg.parallel.sp_async = sp, sp_async
