@@ -59,13 +59,15 @@ def test_router_and_expert_gradients_match_one_process(tmp_path):
         assert err <= 1e-5, f"{name}: relative gradient error {err:.2e}"
 
 
-def test_bad_ep_layouts_are_config_errors(tmp_path):
-    out = train(tmp_path, 1, "--parallel.ep_size=3", config=MOE, expect_rc=2)[0]["stderr"]
-    assert "parallel.ep_size" in out and "num_experts" in out
-    out = train(tmp_path, 1, "--parallel.ep_size=2", expect_rc=2)[0]["stderr"]  # dense backbone
-    assert "parallel.ep_size" in out and "backbone=moe" in out
-    out = train(tmp_path, 1, "--parallel.ep_size=2", config=MOE, expect_rc=2)[0]["stderr"]  # world of 1
-    assert "ep_size=2 must divide dp_shard x sp_size = 1" in out
+def test_bad_ep_layouts_are_config_errors():
+    from engine.config import ConfigError, load_config, resolve_layout
+
+    with pytest.raises(ConfigError, match=r"parallel.ep_size.*=3 must divide model.num_experts"):
+        load_config(MOE, [("parallel.ep_size", "3")])
+    with pytest.raises(ConfigError, match=r"parallel.ep_size.*needs a mixture-of-experts backbone.*backbone=moe"):
+        load_config(str(ROOT / "examples/configs/tiny_dense.yaml"), [("parallel.ep_size", "2")])
+    with pytest.raises(ConfigError, match=r"ep_size=2 must divide dp_shard x sp_size = 1"):
+        resolve_layout(load_config(MOE, [("parallel.ep_size", "2")]), world_size=1)
 
 
 def test_ep_checkpoint_holds_every_expert_and_resumes(tmp_path):

@@ -7,7 +7,7 @@ tiny_dense has 4 query heads and 2 KV heads, so sp 4 also exercises KV-head repl
 
 import pytest
 
-from launch import assert_close, first_gradients, losses, train
+from launch import TINY, assert_close, first_gradients, losses, train
 
 COMMON = ["--checkpoint.enabled=false", "--data.seq_len=63"]
 
@@ -41,6 +41,11 @@ def test_first_gradients_match_one_process(tmp_path, overrides):
         assert err <= 1e-5, f"{name}: relative gradient error {err:.2e}"
 
 
-def test_sp_that_does_not_divide_heads_is_a_config_error(tmp_path):
-    out = train(tmp_path, 1, "--parallel.sp_size=3", expect_rc=2)[0]["stderr"]
-    assert "parallel.sp_size" in out and "num_heads" in out
+def test_sp_that_does_not_divide_heads_is_a_config_error():
+    from engine.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"parallel.sp_size.*=3 must divide model.num_heads=4"):
+        load_config(TINY, [("parallel.sp_size", "3")])
+    with pytest.raises(ConfigError, match=r"parallel.sp_size.*=8 and model.num_kv_heads=6"):
+        load_config(TINY, [("parallel.sp_size", "8"), ("model.num_heads", "24"), ("model.num_kv_heads", "6"),
+                           ("model.hidden_size", "96")])
