@@ -69,7 +69,8 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0
     """Width of a sigmoid-gated shared expert (Qwen2-MoE); 0 = none."""
     attention_backend: str = "auto"
-    """auto (CUDA: flash-attn where installed, else sdpa; CPU: sdpa_doc), sdpa (one call with a
+    """auto (CUDA: flash-attn where installed, else sdpa; CPU: sdpa below 2048 tokens per row,
+    sdpa_doc from there), sdpa (one call with a
     document mask), sdpa_doc (one causal call per document, no S x S mask), flash_attn, eager."""
     encoders: list[dict] = field(default_factory=list)
     """Omni parts that read a modality, by registered name, e.g. [{name: vision, depth: 2,

@@ -211,9 +211,9 @@ def ensure_omni_digits(cache_dir: str | Path, options: Optional[BuildOptions] = 
                 _build_into(root, options or BuildOptions())
     if options is not None:
         found = BuildOptions.from_json(read_meta(root)["options"])
-        if found != options:
-            diff = {k: (getattr(found, k), getattr(options, k)) for k in options.to_json()
-                    if getattr(found, k) != getattr(options, k)}
+        diff = {k: (getattr(found, k), getattr(options, k)) for k in options.to_json()
+                if k != "workers" and getattr(found, k) != getattr(options, k)}
+        if diff:
             raise ValueError(f"omni_digits: {root} was built with other options (name: (built, asked)) {diff}; "
                              f"delete the directory to rebuild it, or use another data.cache_dir")
     return root
@@ -302,15 +302,17 @@ def build(out: Path, opts: BuildOptions = BuildOptions()) -> dict:
                                    "digits": [int(targets[i])], "sklearn_index": i})
     t_images = time.perf_counter() - t0
 
-    espeak = ensure_espeak()
-    have = installed_voices(espeak)
-    voices = [v for v in opts.voices if v in have]
-    missing = [v for v in opts.voices if v not in have]
-    if not voices:
-        raise RuntimeError(f"omni_digits: none of the voices {list(opts.voices)} is installed in espeak-ng "
-                           f"(installed: {sorted(have)}); pick installed ones in BuildOptions.voices")
-    version = subprocess.run([espeak, "--version"], capture_output=True, text=True).stdout.strip()
-    plan = audio_plan(opts, voices)
+    voices, missing, version, plan, espeak = [], [], None, [], ""
+    if opts.voices:  # no voices: an image-only dataset (no espeak-ng needed)
+        espeak = ensure_espeak()
+        have = installed_voices(espeak)
+        voices = [v for v in opts.voices if v in have]
+        missing = [v for v in opts.voices if v not in have]
+        if not voices:
+            raise RuntimeError(f"omni_digits: none of the voices {list(opts.voices)} is installed in espeak-ng "
+                               f"(installed: {sorted(have)}); pick installed ones in BuildOptions.voices")
+        version = subprocess.run([espeak, "--version"], capture_output=True, text=True).stdout.strip()
+        plan = audio_plan(opts, voices)
     t1 = time.perf_counter()
 
     def one(clip: dict) -> float:

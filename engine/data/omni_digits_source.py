@@ -1,13 +1,15 @@
 """The omni-digits training stream: five tasks interleaved, packed into full rows.
 
 Tasks (a sample is one short document; `<x>` stands for a part's placeholder tokens):
-    image           "which digit is this? <vision>" -> " it is seven" EOS
+    image           "which digit is this? <vision>" -> " seven" EOS
     audio           "what number is spoken? <audio>" -> " 3 5 1" EOS
     video           "which digits are shown? <vision: t = 2..4 temporal patches>" -> " 3 5 1" EOS
     text_to_image   "draw a seven:" / "draw the digit 7:" -> <image_vq codes of a training image>
     text            a window of the Shakespeare token stream
 Only the answers (and the image codes, through the decoder's head) are targets; a task
-whose part the model lacks is left out.
+whose part the model lacks is left out. Answers follow their payload directly (no "it is"
+in between): the last placeholder then predicts the answer, which a tiny model learns
+several times faster than routing the payload through attention a few tokens later.
 
 Like `SyntheticOmniData`, row r of step s is drawn from its own generator seeded by
 (seed, s, r), so a global batch is the same whatever the parallel layout or resume point.
@@ -45,7 +47,7 @@ from .omni_packing import IGNORE, OmniSample, pack_rows
 log = logging.getLogger(__name__)
 
 TASKS = ("image", "audio", "video", "text_to_image", "text")
-DEFAULT_WEIGHTS = {"image": 0.2, "audio": 0.35, "video": 0.15, "text_to_image": 0.25, "text": 0.05}
+DEFAULT_WEIGHTS = {"image": 0.3, "audio": 0.2, "video": 0.15, "text_to_image": 0.3, "text": 0.05}
 PROMPTS = {
     "image": "which digit is this?",
     "audio": "what number is spoken?",
@@ -59,7 +61,7 @@ TEXT_LENGTHS = (8, 48)
 
 
 def image_answer(digit: int) -> str:
-    return f" it is {DIGIT_WORDS[digit]}"
+    return f" {DIGIT_WORDS[digit]}"
 
 
 def digits_answer(digits) -> str:
@@ -67,7 +69,7 @@ def digits_answer(digits) -> str:
 
 
 def parse_digits(text: str) -> list[int]:
-    """Digits named in a generated answer, in order ("it is seven" -> [7], "3 5 1" -> [3, 5, 1])."""
+    """Digits named in a generated answer, in order ("seven" -> [7], "3 5 1" -> [3, 5, 1])."""
     out = []
     for word in text.replace(",", " ").replace(".", " ").split():
         w = word.lower()
@@ -137,6 +139,9 @@ class OmniDigitsData:
             self._prepare_audio([it for it in items if it.kind == "audio"])
         if self.image_vq:
             self._prepare_image_vq()
+        words = [i for i, it in enumerate(self.audio_items) if len(it.digits) == 1]
+        sequences = [i for i, it in enumerate(self.audio_items) if len(it.digits) > 1]
+        self._audio_pools = [p for p in (words, sequences) if p]
         self.weights = self._task_weights(weights)
         if self.skipped.total:
             log.warning("omni_digits %s: skipped %d sample(s): %s; e.g. %s", split, self.skipped.total,
@@ -166,7 +171,6 @@ class OmniDigitsData:
         from engine.modalities.audio import log_mel
 
         enc = self.parts[self.audio]
-        fixed = len(self._enc["audio"]) + 2  # prompt + answer's EOS + at least one answer token
         for it in items:
             wav = it.data.astype(np.float32) / 32768.0
             feats = log_mel(wav, SAMPLE_RATE, enc.num_mel_bins)
@@ -179,7 +183,7 @@ class OmniDigitsData:
                 self.skipped.skip("audio too short for the audio encoder", it.where, f"{frames} frames")
                 continue
             n = int(enc.tokens_per_clip(torch.tensor([frames]))[0])
-            length = fixed + n + len(self.tokenizer.encode(digits_answer(it.digits))) - 1
+            length = len(self._enc["audio"]) + n + len(self.tokenizer.encode(digits_answer(it.digits)))  # + EOS - 1
             if length > self.seq_len:
                 self.skipped.skip("sample longer than data.seq_len", it.where, f"{length} > {self.seq_len} tokens")
                 continue
@@ -223,25 +227,36 @@ class OmniDigitsData:
 
     def _draw_spec(self, rng: np.random.Generator, kinds: list[str], probs: np.ndarray) -> _Spec:
         kind = kinds[int(rng.choice(len(kinds), p=probs))]
-        if kind == "image":
+        if kind in ("image", "text_to_image"):
             i = int(rng.integers(len(self.images)))
-            d = self.images[i].digits[0]
-            return _Spec(kind, (i,), len(self._enc["image"]) + self.vision_tokens + len(self._image_answers[d]) - 1)
-        if kind == "audio":
-            i = int(rng.integers(len(self.audio_items)))
-            answer = len(self.tokenizer.encode(digits_answer(self.audio_items[i].digits))) + 1
-            return _Spec(kind, (i,), len(self._enc["audio"]) + self._audio_tokens[i] + answer - 1)
+            t = int(rng.integers(len(DRAW_PROMPTS))) if kind == "text_to_image" else 0
+            return self.spec_for(kind, (i,), t)
+        if kind == "audio":  # single words and sequences half and half (when both exist)
+            pool = self._audio_pools[int(rng.integers(len(self._audio_pools)))]
+            return self.spec_for(kind, (int(pool[rng.integers(len(pool))]),))
         if kind == "video":
             k = int(rng.choice(VIDEO_LENGTHS))
-            idx = tuple(int(i) for i in rng.integers(len(self.images), size=k))
-            answer = len(self.tokenizer.encode(digits_answer([self.images[i].digits[0] for i in idx]))) + 1
-            return _Spec(kind, idx, len(self._enc["video"]) + k * self.vision_tokens + answer - 1)
-        if kind == "text_to_image":
-            i = int(rng.integers(len(self.images)))
-            t = int(rng.integers(len(DRAW_PROMPTS)))
-            return _Spec(kind, (i,), len(self._draw[t][self.images[i].digits[0]]) + self.vq_codes, extra=t)
+            return self.spec_for(kind, tuple(int(i) for i in rng.integers(len(self.images), size=k)))
         n = int(rng.integers(TEXT_LENGTHS[0], TEXT_LENGTHS[1] + 1))
         return _Spec("text", (), n, extra=int(rng.integers(0, len(self.text_tokens) - n - 1)))
+
+    def spec_for(self, kind: str, items: tuple[int, ...], template: int = 0) -> _Spec:
+        """The spec of a given sample: `items` index `self.images` (image, video, text_to_image)
+        or `self.audio_items` (audio); `template` picks the drawing prompt."""
+        if kind == "image":
+            d = self.images[items[0]].digits[0]
+            return _Spec(kind, tuple(items), len(self._enc["image"]) + self.vision_tokens + len(self._image_answers[d]) - 1)
+        if kind == "audio":
+            answer = len(self.tokenizer.encode(digits_answer(self.audio_items[items[0]].digits))) + 1
+            return _Spec(kind, tuple(items), len(self._enc["audio"]) + self._audio_tokens[items[0]] + answer - 1)
+        if kind == "video":
+            answer = len(self.tokenizer.encode(digits_answer([self.images[i].digits[0] for i in items]))) + 1
+            return _Spec(kind, tuple(items), len(self._enc["video"]) + len(items) * self.vision_tokens + answer - 1)
+        if kind == "text_to_image":
+            d = self.images[items[0]].digits[0]
+            return _Spec(kind, tuple(items), len(self._draw[template][d]) + self.vq_codes, extra=template)
+        raise ValueError(f"omni_digits: spec_for does not build {kind!r} samples; kinds: image, audio, video, "
+                         "text_to_image")
 
     def _text(self, start: int, n: int) -> OmniSample:
         seq = [int(t) for t in self.text_tokens[start:start + n + 1]]
@@ -311,7 +326,9 @@ class OmniDigitsData:
                 misses += 1
         if self.fill_text and left >= MIN_FILL and len(self.text_tokens) > left + 1:
             specs.append(_Spec("text", (), left, extra=int(rng.integers(0, len(self.text_tokens) - left - 1))))
-        return [self.build_sample(s) for s in specs]
+        samples = [self.build_sample(s) for s in specs]
+        assert all(len(x) == s.length for x, s in zip(samples, specs)), "spec lengths must match the samples"
+        return samples
 
     def micro_batches(self, step: int, global_batch_size: int, dp_rank: int, dp_size: int,
                       micro_batch_size: int) -> list[dict]:

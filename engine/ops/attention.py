@@ -89,6 +89,17 @@ def sdpa_by_document(q, k, v, meta: AttentionMeta) -> torch.Tensor:
     return torch.cat(outs, dim=1).reshape(h, b, s, d).transpose(0, 1)
 
 
+LONG_ROWS = 2048  # from here the S x S mask of `sdpa_attention` dominates memory
+
+
+def auto_cpu_attention(q, k, v, meta: AttentionMeta) -> torch.Tensor:
+    """CPU default: one masked SDPA call for short rows (fewer kernel launches: about 3x
+    faster at 256 tokens), one call per document for long rows (no S x S mask)."""
+    if q.shape[2] >= LONG_ROWS:
+        return sdpa_by_document(q, k, v, meta)
+    return sdpa_attention(q, k, v, meta)
+
+
 def eager_attention(q, k, v, meta: AttentionMeta) -> torch.Tensor:
     """Reference implementation (explicit softmax in fp32); slow, used to check the others."""
     k, v = _expand_kv(k, v, q.shape[1])
@@ -123,7 +134,7 @@ def get_attention_fn(backend: str, device_type: str) -> AttentionFn:
         if device_type == "cuda":
             backend = "flash_attn" if flash_attn_available() else "sdpa"
         else:
-            backend = "sdpa_doc"
+            return auto_cpu_attention
     if backend == "flash_attn" and not flash_attn_available():
         raise ValueError("model.attention_backend=flash_attn needs the flash-attn package and a CUDA device; "
                          "install the [gpu] extra or use model.attention_backend=sdpa")
