@@ -13,12 +13,22 @@ import torch
 from engine.config import load_config
 from engine.data.omni_digits import (BuildOptions, ManifestError, SampleError, ensure_omni_digits, load_split,
                                      parse_wav, read_manifest)
+from engine.data.omni_digits import ensure_espeak  # noqa: E402
 from engine.data.omni_digits_source import (OmniDigitsData, copy_full_tensors_, ensure_vq_tokenizer, parse_digits)
 from engine.models import build_model
 from engine.models.omni import placeholder_ids
 from launch import ROOT
 
-HAVE_ESPEAK = shutil.which("espeak-ng") is not None
+def _espeak_available() -> bool:
+    """Install espeak-ng the way the dataset builder does (apt-get, as root) before deciding."""
+    try:
+        ensure_espeak(install=True)
+    except (RuntimeError, OSError):
+        return False
+    return shutil.which("espeak-ng") is not None
+
+
+HAVE_ESPEAK = _espeak_available()
 TINY = BuildOptions(images_per_class=4, voices=("en-us",) if HAVE_ESPEAK else (), variants=("",), speeds=(150, 220),
                     pitches=(50,), sequences_per_combo=1, workers=2)
 needs_audio = pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng is not installed (apt-get install espeak-ng)")
