@@ -122,9 +122,7 @@ class OmniDigitsData:
         others = sorted(set(parts) - {n for n in (self.vision, self.audio, self.image_vq) if n})
         if others:
             log.warning("omni_digits has no data for part(s) %s: they run their dummy payloads", others)
-        self._enc = {}
-        for kind, text in PROMPTS.items():
-            self._enc[kind] = tokenizer.encode(text)
+        self._enc = {kind: tokenizer.encode(text) for kind, text in PROMPTS.items()}
         self._image_answers = [tokenizer.encode(image_answer(d)) + [self.eos_id] for d in range(10)]
         self._draw = [[tokenizer.encode(t.format(word=DIGIT_WORDS[d], digit=d)) for d in range(10)]
                       for t in DRAW_PROMPTS]
@@ -139,9 +137,6 @@ class OmniDigitsData:
             self._prepare_audio([it for it in items if it.kind == "audio"])
         if self.image_vq:
             self._prepare_image_vq()
-        words = [i for i, it in enumerate(self.audio_items) if len(it.digits) == 1]
-        sequences = [i for i, it in enumerate(self.audio_items) if len(it.digits) > 1]
-        self._audio_pools = [p for p in (words, sequences) if p]
         self.weights = self._task_weights(weights)
         if self.skipped.total:
             log.warning("omni_digits %s: skipped %d sample(s): %s; e.g. %s", split, self.skipped.total,
@@ -231,9 +226,8 @@ class OmniDigitsData:
             i = int(rng.integers(len(self.images)))
             t = int(rng.integers(len(DRAW_PROMPTS))) if kind == "text_to_image" else 0
             return self.spec_for(kind, (i,), t)
-        if kind == "audio":  # single words and sequences half and half (when both exist)
-            pool = self._audio_pools[int(rng.integers(len(self._audio_pools)))]
-            return self.spec_for(kind, (int(pool[rng.integers(len(pool))]),))
+        if kind == "audio":
+            return self.spec_for(kind, (int(rng.integers(len(self.audio_items))),))
         if kind == "video":
             k = int(rng.choice(VIDEO_LENGTHS))
             return self.spec_for(kind, tuple(int(i) for i in rng.integers(len(self.images), size=k)))
@@ -363,13 +357,19 @@ def build_omni_digits_data(cfg, model, tokenizer, text_tokens: np.ndarray, split
                            strict: bool = False) -> OmniDigitsData:
     """The source for `cfg` (data.cache_dir, data.seq_len, train.seed) and an omni model."""
     from engine.config import expand_path
-    from engine.models.omni import placeholder_ids
+    from engine.models.omni import placeholder_ids, text_vocab_size
 
     root = ensure_omni_digits(expand_path(cfg.data.cache_dir))
     parts = {**dict(model.encoders.items()), **dict(model.decoders.items())}
     data = OmniDigitsData(root, tokenizer, text_tokens, parts, placeholder_ids(cfg.model), list(model.decoders),
                           cfg.data.seq_len, cfg.train.seed, split=split, strict=strict)
     data.cfg = cfg
+    limit = text_vocab_size(cfg.model)
+    ids = [t for p in data._enc.values() for t in p] + [t for a in data._image_answers for t in a] + \
+        [t for tpl in data._draw for p in tpl for t in p] + tokenizer.encode(digits_answer(range(10)))
+    if max(ids) >= limit:
+        raise ValueError(f"omni_digits: the tokenizer gives id {max(ids)} >= text_vocab_size = {limit} (ids from "
+                         "there on are the parts' placeholders); use the project's tokenizer for this model")
     return data
 
 
