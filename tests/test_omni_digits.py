@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from engine.config import load_config
-from engine.data.omni_digits import (BuildOptions, ManifestError, SampleError, ensure_omni_digits, load_split,
-                                     parse_wav, read_manifest)
-from engine.data.omni_digits import ensure_espeak  # noqa: E402
+from engine.data.omni_digits import (BuildOptions, ManifestError, SampleError, ensure_espeak, ensure_omni_digits,
+                                     load_split, parse_wav, read_manifest)
 from engine.data.omni_digits_source import (OmniDigitsData, copy_full_tensors_, ensure_vq_tokenizer, parse_digits)
 from engine.models import build_model
 from engine.models.omni import placeholder_ids
 from launch import ROOT
+
 
 def _espeak_available() -> bool:
     """Install espeak-ng the way the dataset builder does (apt-get, as root) before deciding."""

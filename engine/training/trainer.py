@@ -79,6 +79,8 @@ class Trainer:
         self.is_moe = hasattr(model, "moe_layers") and bool(model.moe_layers())
         self.model = parallelize(model, cfg, self.dims, self.meshes, ctx.device.type)
         materialize(self.model, ctx.device, cfg.train.seed)
+        if hasattr(self.data, "init_model_"):  # e.g. omni-digits' pre-trained VQ image tokenizer
+            self.data.init_model_(self.model)
         self.fsdp = self.meshes is not None and self.dims.fsdp_enabled
         # Without FSDP there is no MixedPrecisionPolicy: autocast gives the same bf16 compute.
         use_autocast = cfg.train.dtype == "bf16" and not self.fsdp
