@@ -349,7 +349,7 @@ def main(argv=None) -> dict:
     load_at_start = load_average()
     times = {n: [] for n in names}
     cpu = {n: [] for n in names}
-    before, cpu_before, wall_before = cpu_jiffies(), time.process_time(), time.perf_counter()
+    before, cpu_before = cpu_jiffies(), time.process_time()
     for i in range(args.warmup, args.warmup + args.steps):  # timed: one step each, order rotated per round
         k = i % len(names)
         for n in names[k:] + names[:k]:
@@ -357,7 +357,7 @@ def main(argv=None) -> dict:
             losses[n].append(variants[n].step(batches[i]))
             times[n].append(time.perf_counter() - t)
             cpu[n].append(time.process_time() - c)
-    after, cpu_after, wall_after = cpu_jiffies(), time.process_time(), time.perf_counter()
+    after, cpu_after = cpu_jiffies(), time.process_time()
     load_at_end = load_average()
     background = None
     if before and after:  # busy share of all cores not spent by this process during the timed steps
@@ -396,7 +396,7 @@ def main(argv=None) -> dict:
         print(f"{n:<14}{r['tokens_per_s_median']:>12.0f}{r['step_s_mean'] * 1e3:>14.1f}{r['step_s_std'] * 1e3:>8.1f}"
               f"{r['step_s_median'] * 1e3:>9.1f}{r['step_s_min'] * 1e3:>8.1f}{r['speedup_vs_hf_median']:>7.2f}x"
               f"{r['speedup_vs_hf_paired']:>7.2f}x{first:>14}{rss:>14}{r['losses'][0]:>9.4f}{r['losses'][-1]:>10.4f}")
-    print(f"\nCPU seconds per step (this process, median): "
+    print("\nCPU seconds per step (this process, median): "
           + ", ".join(f"{n} {results[n]['cpu_s_median'] * 1e3:.0f} ms" for n in names)
           + f"; ours/HF by CPU time: {results['hf']['cpu_s_median'] / results[names[0]]['cpu_s_median']:.2f}x ({names[0]})")
     if background is not None:
@@ -426,6 +426,9 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
         json.dump(report, f, indent=1)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f.name, 0o666 & ~umask)  # NamedTemporaryFile creates 0600
     os.replace(f.name, out)
     print(f"wrote {out}")
     if cache is not None:
