@@ -18,9 +18,11 @@ setup(
         "tensorboard",
         "safetensors",
         "scikit-learn",
+        "pillow",  # tools/eval_omni.py writes its PNG grid with it
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "transformers>=4.51"],
+        "plots": ["matplotlib"],  # tools/plot_losses.py
         # Need CUDA to build or run; never installed on CPU machines.
         "gpu": ["flash-attn", "transformer-engine[pytorch]", "nvidia-ml-py"],
     },

@@ -123,6 +123,9 @@ class DataConfig:
     """Sequences per forward pass on one rank; 0 = the whole local batch (no accumulation)."""
     cache_dir: str = "~/.cache/omni-engine"
     """Where the corpus, tokenizer and token arrays are cached."""
+    strict: bool = False
+    """Bad samples (unreadable payloads, samples longer than seq_len) raise an error naming
+    the file and line instead of being skipped and counted in metrics.jsonl."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ FORBIDDEN = {
     "engine/comm": ("engine.parallel", "engine.models", "engine.modalities", "engine.training", "engine.data",
                     "engine.checkpoint", "engine.ops"),
     "engine/parallel": ("engine.training", "engine.data", "engine.checkpoint"),
+    "engine/data": ("torch.distributed", "engine.comm", "engine.parallel", "engine.training", "engine.checkpoint"),
 }
 
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from engine.config import load_config
-from engine.data.omni_digits import (BuildOptions, ManifestError, SampleError, ensure_espeak, ensure_omni_digits,
-                                     load_split, parse_wav, read_manifest)
-from engine.data.omni_digits_source import (OmniDigitsData, copy_full_tensors_, ensure_vq_tokenizer, parse_digits)
+from engine.data.omni_digits import (BuildOptions, ManifestError, MissingToolError, SampleError, ensure_espeak,
+                                     ensure_omni_digits, load_split, parse_wav, read_manifest)
+from engine.data.omni_digits_source import OmniDigitsData, ensure_vq_tokenizer, parse_digits
 from engine.models import build_model
 from engine.models.omni import placeholder_ids
+from engine.parallel.init import load_full_state_
 from launch import ROOT
 
 
@@ -23,7 +24,7 @@ def _espeak_available() -> bool:
     """Install espeak-ng the way the dataset builder does (apt-get, as root) before deciding."""
     try:
         ensure_espeak(install=True)
-    except (RuntimeError, OSError):
+    except (MissingToolError, OSError):
         return False
     return shutil.which("espeak-ng") is not None
 
@@ -135,7 +136,7 @@ def test_corrupt_manifest_line_names_file_and_line(copy, bad):
     lines = manifest.read_text().splitlines()
     lines[2] = bad
     manifest.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ManifestError, match=rf"train\.jsonl:3: "):
+    with pytest.raises(ManifestError, match=r"train\.jsonl:3: "):
         load_split(copy, "train")
 
 
@@ -243,10 +244,10 @@ def test_vq_tokenizer_cached_and_loaded(cfg, dataset):
     state = torch.load(path, weights_only=True)["vqmodel"]
     model = build_model(cfg.model)
     vq = model.decoders["image_vq"].vqmodel
-    copy_full_tensors_(vq, state, "decoders.image_vq.vqmodel")
+    load_full_state_(vq, state, "decoders.image_vq.vqmodel")
     assert all(torch.equal(p, state[n]) for n, p in vq.named_parameters())
     with pytest.raises(ValueError, match="does not match"):
-        copy_full_tensors_(vq, {k: v for k, v in list(state.items())[1:]}, "vq")
+        load_full_state_(vq, {k: v for k, v in list(state.items())[1:]}, "vq")
 
 
 def test_eval_embeddings_match_the_model_forward(cfg, dataset):
@@ -270,3 +271,33 @@ def test_eval_embeddings_match_the_model_forward(cfg, dataset):
     specs = [data.spec_for("image", (i,)) for i in range(3)]
     out = ev.greedy_text(model, data, [data.build_sample(s, with_answer=False) for s in specs], 300, max_new=3)
     assert len(out) == 3 and all(len(o) <= 3 for o in out)
+
+
+@pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng is not installed (apt-get install espeak-ng)")
+def test_packed_and_padded_batches_give_the_same_loss(cfg, dataset):
+    """The same samples (every task, audio included), packed several to a row or one per
+    padded row: the same LM and image-decoder loss sums and target counts (fp32)."""
+    from engine.data.omni_packing import pack_rows
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    data = make_source(cfg, dataset, model=model)
+    rows = [data.row(0, r) for r in range(4)]
+    samples = [s for row in rows for s in row]
+    assert sum(len(row) > 1 for row in rows) >= 2, "the test needs rows that hold several samples"
+    kinds = {name for s in samples for name in s.payloads}
+    assert kinds == {"vision", "audio", "image_vq"}, kinds
+
+    def pack(groups):
+        return pack_rows(groups, cfg.data.seq_len, 0, data.ph, data.decoders, data.parts)
+
+    packed, padded = pack(rows), pack([[s] for s in samples])
+    assert int(packed["real_tokens"]) == int(padded["real_tokens"])
+    assert padded["input_ids"].shape[0] == len(samples) > packed["input_ids"].shape[0]
+    assert model.target_counts(packed) == model.target_counts(padded)
+    with torch.no_grad():
+        a, b = model(packed), model(padded)
+    assert set(a) == {"lm", "image_vq"}
+    for key in a:
+        assert a[key] > 0
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=0, msg=f"loss {key}")

@@ -79,7 +79,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
-    from engine.config import ConfigError, expand_path, load_config
+    from engine.config import ConfigError, load_config
     from engine.data.omni_digits import BuildOptions, dataset_root, ensure_omni_digits, load_split, read_meta
 
     try:

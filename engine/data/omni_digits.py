@@ -51,6 +51,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from engine.data.cache import file_lock
+from engine.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,15 @@ INSTALL_HINT = ("install it with `apt-get update && apt-get install -y espeak-ng
                 "or your system's package manager, then rerun")
 
 
-class ManifestError(ValueError):
+class ManifestError(DataError):
     """A manifest line that cannot be read; the message names the file and the line."""
 
 
-class SampleError(ValueError):
+class MissingToolError(DataError):
+    """A program the dataset builder needs (espeak-ng) is absent and cannot be installed."""
+
+
+class SampleError(DataError):
     """A sample that cannot be used (raised instead of skipping it in strict mode)."""
 
 
@@ -125,11 +130,11 @@ def ensure_espeak(install: bool = True) -> str:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
             if proc.returncode != 0:
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-                raise RuntimeError(f"omni_digits: `{' '.join(cmd)}` failed ({tail[0]}); {INSTALL_HINT}")
+                raise MissingToolError(f"omni_digits: `{' '.join(cmd)}` failed ({tail[0]}); {INSTALL_HINT}")
         path = shutil.which("espeak-ng")
         if path:
             return path
-    raise RuntimeError(f"omni_digits: the speech synthesiser espeak-ng is not installed (needed to build the "
+    raise MissingToolError(f"omni_digits: the speech synthesiser espeak-ng is not installed (needed to build the "
                        f"spoken digits); {INSTALL_HINT}")
 
 
@@ -188,7 +193,7 @@ def synthesize(espeak: str, text: str, voice: str, speed: int, pitch: int) -> np
     cmd = [espeak, "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text]
     proc = subprocess.run(cmd, capture_output=True, timeout=60)
     if proc.returncode != 0 or not proc.stdout:
-        raise RuntimeError(f"omni_digits: `{' '.join(cmd)}` failed: {proc.stderr.decode(errors='replace').strip()}")
+        raise DataError(f"omni_digits: `{' '.join(cmd)}` failed: {proc.stderr.decode(errors='replace').strip()}")
     samples, rate = parse_wav(proc.stdout)
     return trim_and_resample(samples, rate)
 
@@ -234,8 +239,11 @@ def read_meta(root: Path) -> dict:
 def _build_into(root: Path, opts: BuildOptions) -> None:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{DATASET_DIR}.building."))
+    log.info("building the omni-digits dataset in %s (first use only; about half a minute on 2 cores)", root)
+    t0 = time.perf_counter()
     try:
         build(tmp, opts)
+        log.info("built omni-digits in %.1f s", time.perf_counter() - t0)
         if root.exists():  # a directory without meta.json: a crashed build
             shutil.rmtree(root)
         os.replace(tmp, root)
@@ -309,7 +317,7 @@ def build(out: Path, opts: BuildOptions = BuildOptions()) -> dict:
         voices = [v for v in opts.voices if v in have]
         missing = [v for v in opts.voices if v not in have]
         if not voices:
-            raise RuntimeError(f"omni_digits: none of the voices {list(opts.voices)} is installed in espeak-ng "
+            raise DataError(f"omni_digits: none of the voices {list(opts.voices)} is installed in espeak-ng "
                                f"(installed: {sorted(have)}); pick installed ones in BuildOptions.voices")
         version = subprocess.run([espeak, "--version"], capture_output=True, text=True).stdout.strip()
         plan = audio_plan(opts, voices)

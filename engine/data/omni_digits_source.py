@@ -22,8 +22,8 @@ times), so a k-digit video has grid (k, h, w) and its pixel patches are the k im
 patches in a row (patchify's layout).
 
 The image_vq tokenizer must be trained on the training images before the language model
-learns its codes: `load_vq_tokenizer(model, cfg)` (call it after materialisation) trains
-it once per decoder config (cached under the dataset's vq/ directory) and copies it in.
+learns its codes: `pretrained_states(model)` trains it once per decoder config (cached
+under the dataset's vq/ directory) and hands its weights to the trainer to copy in.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from engine.data.cache import build_once
 
 from .omni_digits import (DIGIT_WORDS, IMAGE_MAX, IMAGE_SIDE, SAMPLE_RATE, Item, SkipCounter, content_hash,
                           ensure_omni_digits, load_split, read_meta)
-from .omni_packing import IGNORE, OmniSample, pack_rows
+from .omni_packing import IGNORE, OmniSample, micro_batches_of_rows
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class OmniDigitsData:
         self.parts, self.ph, self.decoders = parts, ph, decoders
         self.seq_len, self.seed, self.split, self.fill_text = seq_len, seed, split, fill_text
         self.pad_id, self.eos_id = tokenizer.pad_id, tokenizer.eos_id
-        self.cfg = None  # set by build_omni_digits_data (init_model_ reads the model's decoder specs)
+        self.cfg = None  # set by build_omni_digits_data (pretrained_states reads the decoder specs)
         self.meta = read_meta(self.root)
         self.skipped = SkipCounter(strict=strict)
         items, _ = load_split(self.root, split, strict=strict, skipped=self.skipped)
@@ -326,22 +326,16 @@ class OmniDigitsData:
 
     def micro_batches(self, step: int, global_batch_size: int, dp_rank: int, dp_size: int,
                       micro_batch_size: int) -> list[dict]:
-        per_rank = global_batch_size // dp_size
-        first = dp_rank * per_rank
-        batches = []
-        for lo in range(first, first + per_rank, micro_batch_size):
-            rows = [self.row(step, r) for r in range(lo, lo + micro_batch_size)]
-            batch = pack_rows(rows, self.seq_len, self.pad_id, self.ph, self.decoders, self.parts)
-            batch["padding_tokens"] = torch.tensor(len(rows) * self.seq_len - int(batch["real_tokens"]))
-            batches.append(batch)
-        return batches
+        return micro_batches_of_rows(self.row, step, global_batch_size, dp_rank, dp_size, micro_batch_size,
+                                     self.seq_len, self.pad_id, self.ph, self.decoders, self.parts)
 
-    def init_model_(self, model) -> list[str]:
-        """Call after materialisation (before the optimizer is built or a checkpoint is
-        loaded): puts the pre-trained VQ tokenizer into the model's image_vq decoder(s)."""
+    def pretrained_states(self, model) -> dict[str, dict[str, torch.Tensor]]:
+        """Module path -> full state dict the trainer loads after materialisation (before the
+        optimizer is built or a checkpoint is loaded): the pre-trained VQ image tokenizer."""
         if self.cfg is None:
-            raise ValueError("omni_digits: init_model_ needs the config; build the source with build_omni_digits_data")
-        return load_vq_tokenizer(model, self.cfg)
+            raise ValueError("omni_digits: pretrained_states needs the config; build the source with "
+                             "build_omni_digits_data")
+        return vq_tokenizer_states(model, self.cfg)
 
     def stats(self) -> dict:
         return {"split": self.split, "images": len(self.images), "audio_clips": len(self.audio_items),
@@ -420,6 +414,8 @@ def ensure_vq_tokenizer(root: str | Path, spec: dict, train: Optional[dict] = No
             torch.manual_seed(train["seed"])
             dec = ImageVQDecoder(**opts)
         images = training_images(root, dec.image_size, dec.in_channels)
+        log.info("training the image_vq tokenizer (VQ-VAE) on %d training images, %d steps (first use only)",
+                 len(images), train["steps"])
         t0 = time.perf_counter()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # small convolutions: one thread is 2-4x faster than two on a busy 2-core CPU
@@ -440,45 +436,15 @@ def ensure_vq_tokenizer(root: str | Path, spec: dict, train: Optional[dict] = No
     return build_once(path, build)
 
 
-def load_vq_tokenizer(model, cfg) -> list[str]:
-    """Copy the pre-trained VQ tokenizer into every image_vq decoder of `model` (after
-    materialisation; FSDP-sharded parameters keep their own shard). Trains it first if it
-    is not cached. Returns the names of the decoders loaded."""
+def vq_tokenizer_states(model, cfg) -> dict[str, dict[str, torch.Tensor]]:
+    """{"decoders.<name>.vqmodel": full state dict} of the pre-trained VQ tokenizer for every
+    image_vq decoder of `model` (trained first if it is not cached). The trainer copies them
+    in after materialisation (engine.parallel.init.load_full_state_)."""
     from engine.config import expand_path
     from engine.modalities.image_vq import ImageVQDecoder
 
     root = ensure_omni_digits(expand_path(cfg.data.cache_dir))
     specs = {s["name"]: s for s in cfg.model.decoders}
-    loaded = []
-    for name, dec in model.decoders.items():
-        if not isinstance(dec, ImageVQDecoder):
-            continue
-        state = torch.load(ensure_vq_tokenizer(root, specs[name]), map_location="cpu", weights_only=True)["vqmodel"]
-        copy_full_tensors_(dec.vqmodel, state, f"decoders.{name}.vqmodel")
-        loaded.append(name)
-    return loaded
-
-
-@torch.no_grad()
-def copy_full_tensors_(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """module's parameters and buffers <- full tensors of `state` (strict), each rank keeping
-    its own shard of a sharded (DTensor) parameter, as `load_weights_` does."""
-    own = dict(module.named_parameters())
-    own.update(dict(module.named_buffers()))
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    if missing or unexpected:
-        raise ValueError(f"{where}: cached tokenizer does not match the module: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}; delete the cached file to retrain it")
-    for name, full in state.items():
-        p = own[name]
-        if tuple(full.shape) != tuple(p.shape):
-            raise ValueError(f"{where}.{name}: cached shape {tuple(full.shape)} != model shape {tuple(p.shape)}; "
-                             "delete the cached file to retrain it")
-        if hasattr(p, "device_mesh") and hasattr(p, "to_local"):  # a DTensor: keep this rank's shard
-            from torch.distributed.tensor import distribute_tensor
-
-            shard = distribute_tensor(full.to(p.to_local().device, p.dtype), p.device_mesh, p.placements,
-                                      src_data_rank=None)
-            p.to_local().copy_(shard.to_local())
-        else:
-            p.copy_(full.to(p.device, p.dtype))
+    return {f"decoders.{name}.vqmodel": torch.load(ensure_vq_tokenizer(root, specs[name]), map_location="cpu",
+                                                   weights_only=True)["vqmodel"]
+            for name, dec in model.decoders.items() if isinstance(dec, ImageVQDecoder)}

@@ -10,6 +10,7 @@ restart, attention is masked at the boundary), and the rest of the row is paddin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -65,8 +66,19 @@ def pack_rows(samples: list[list[OmniSample]], seq_len: int, pad_id: int, ph: di
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "doc_ids": doc,
              **placeholder_layout(ids, doc, ph, decoders),
              "payloads": {name: type(parts[name]).collate(items) for name, items in payloads.items() if items},
-             "real_tokens": torch.tensor(real_tokens)}
+             "real_tokens": torch.tensor(real_tokens), "padding_tokens": torch.tensor(rows * seq_len - real_tokens)}
     return batch
+
+
+def micro_batches_of_rows(row: Callable[[int, int], list[OmniSample]], step: int, global_batch_size: int,
+                          dp_rank: int, dp_size: int, micro_batch_size: int, seq_len: int, pad_id: int,
+                          ph: dict[str, int], decoders: list[str], parts: dict) -> list[dict]:
+    """This dp rank's packed micro-batches of `step`, where `row(step, r)` gives the samples
+    of global row r: the global batch depends only on (step, row), never on the layout."""
+    per_rank = global_batch_size // dp_size
+    first = dp_rank * per_rank
+    return [pack_rows([row(step, r) for r in range(lo, lo + micro_batch_size)], seq_len, pad_id, ph, decoders, parts)
+            for lo in range(first, first + per_rank, micro_batch_size)]
 
 
 def fill_rows(stream, num_rows: int, seq_len: int) -> tuple[list[list[OmniSample]], int]:

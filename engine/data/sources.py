@@ -42,7 +42,7 @@ def build_train_data(cfg: Config, model: nn.Module) -> tuple[object, Tokenizer]:
     if name == "omni_digits":  # real digits: images, speech, videos, drawing (engine/data/omni_digits.py)
         from .omni_digits_source import build_omni_digits_data
 
-        return build_omni_digits_data(cfg, model, tokenizer, text.tokens), tokenizer
+        return build_omni_digits_data(cfg, model, tokenizer, text.tokens, strict=cfg.data.strict), tokenizer
     from .synthetic_omni import SyntheticOmniData
 
     parts = {**dict(model.encoders.items()), **dict(model.decoders.items())}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .omni_packing import IGNORE, OmniSample, PushBackIterator, fill_rows, pack_rows
+from .omni_packing import IGNORE, OmniSample, PushBackIterator, fill_rows, micro_batches_of_rows
 
 
 def randomize(payload: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -53,15 +53,11 @@ class SyntheticOmniData:
                 labels = prompt[1:] + [IGNORE] * (n + 1) + caption[1:]
             yield OmniSample(tokens, labels, {kind: [payload]})
 
+    def row(self, step: int, row: int) -> list[OmniSample]:
+        samples, _ = fill_rows(PushBackIterator(self._samples(step, row)), 1, self.seq_len)
+        return samples[0]
+
     def micro_batches(self, step: int, global_batch_size: int, dp_rank: int, dp_size: int,
                       micro_batch_size: int) -> list[dict]:
-        per_rank = global_batch_size // dp_size
-        first = dp_rank * per_rank
-        batches = []
-        for lo in range(first, first + per_rank, micro_batch_size):
-            rows = []
-            for r in range(lo, lo + micro_batch_size):
-                row, _ = fill_rows(PushBackIterator(self._samples(step, r)), 1, self.seq_len)
-                rows += row
-            batches.append(pack_rows(rows, self.seq_len, self.pad_id, self.ph, self.decoders, self.parts))
-        return batches
+        return micro_batches_of_rows(self.row, step, global_batch_size, dp_rank, dp_size, micro_batch_size,
+                                     self.seq_len, self.pad_id, self.ph, self.decoders, self.parts)

@@ -30,6 +30,36 @@ def _params_with_global_rows(model: nn.Module):
 
 
 @torch.no_grad()
+def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """param <- the full tensor; an FSDP (DTensor) parameter keeps only its own shard.
+    src_data_rank=None: every rank already holds the same full tensor, so no communication."""
+    if isinstance(param, DTensor):
+        full = full.to(device=param.device, dtype=param.dtype)
+        shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(full.to(device=param.device, dtype=param.dtype))
+
+
+@torch.no_grad()
+def load_full_state_(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """module's parameters and buffers <- the full tensors of `state` (strict: same names and
+    shapes), each rank keeping its own shard of a sharded parameter. `where` names the module
+    and how to fix a mismatch in errors."""
+    own = dict(module.named_parameters())
+    own.update(dict(module.named_buffers()))
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"{where}: the state does not match the module: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}")
+    for name, full in state.items():
+        if tuple(full.shape) != tuple(own[name].shape):
+            raise ValueError(f"{where}.{name}: state shape {tuple(full.shape)} != module shape "
+                             f"{tuple(own[name].shape)}")
+        copy_full_(own[name], full)
+
+
+@torch.no_grad()
 def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
     model.to_empty(device=device)
     for name, param, rows in _params_with_global_rows(model):
@@ -40,12 +70,7 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
         model.init_param_(name, full, gen)
         if rows is not None:  # this rank's experts: the rows it owns of the global tensor
             full = full[first:first + param.shape[0]]
-        if isinstance(param, DTensor):
-            # src_data_rank=None: every rank already holds the same full tensor; slice locally.
-            shard = distribute_tensor(full.to(device), param.device_mesh, param.placements, src_data_rank=None)
-            param.to_local().copy_(shard.to_local())
-        else:
-            param.copy_(full)
+        copy_full_(param, full)
     for module in model.modules():
         if hasattr(module, "reset_buffers") and module is not model:
             module.reset_buffers()

@@ -88,7 +88,8 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and key != "step":
                     self.writer.add_scalar(f"train/{key}", value, record["step"])
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+            decoders = {k: f"{v:.3f}" for k, v in record.items() if k.startswith("loss_")}
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", **decoders, lr=f"{record['lr']:.2e}",
                                  tok_s=f"{record['tokens_per_s']:.0f}")
             self.bar.update(1)
 

@@ -28,6 +28,7 @@ from engine.data.sources import build_train_data
 from engine.models import build_model
 from engine.models.omni import OmniModel
 from engine.parallel import ParallelDims, materialize, parallelize
+from engine.parallel.init import load_full_state_
 from engine.parallel.part_recipes import sync_replicated_grads
 from engine.parallel.ulysses import shard_batch
 
@@ -79,8 +80,12 @@ class Trainer:
         self.is_moe = hasattr(model, "moe_layers") and bool(model.moe_layers())
         self.model = parallelize(model, cfg, self.dims, self.meshes, ctx.device.type)
         materialize(self.model, ctx.device, cfg.train.seed)
-        if hasattr(self.data, "init_model_"):  # e.g. omni-digits' pre-trained VQ image tokenizer
-            self.data.init_model_(self.model)
+        skipped = getattr(self.data, "skipped", None)  # bad samples dropped while loading (data.strict=false)
+        self.data_skipped = dict(skipped.counts) if skipped is not None else {}
+        # Parts the data source pre-trains, e.g. omni-digits' VQ image tokenizer.
+        for path, state in getattr(self.data, "pretrained_states", lambda _: {})(self.model).items():
+            load_full_state_(self.model.get_submodule(path), state,
+                             f"{path} (pre-trained by data.dataset={cfg.data.dataset}; delete its cache to redo it)")
         self.fsdp = self.meshes is not None and self.dims.fsdp_enabled
         # Without FSDP there is no MixedPrecisionPolicy: autocast gives the same bf16 compute.
         use_autocast = cfg.train.dtype == "bf16" and not self.fsdp
@@ -148,12 +153,18 @@ class Trainer:
         cfg, dev = self.cfg, self.ctx.device
         batches = self.data.micro_batches(self.step, cfg.data.global_batch_size, self.dp_rank, self.dims.dp,
                                           self.layout["micro_batch"])
+        # Every SP rank holds the same micro-batches: count their padding once per dp rank.
+        padding = sum(int(b.pop("padding_tokens", 0)) for b in batches) / self.dims.sp
+        for b in batches:
+            b.pop("real_tokens", None)
         batches = [self.prepare_batch(b) for b in batches]
         local = [self.target_counts(b) for b in batches]
         keys = list(local[0])
-        counts = torch.tensor([float(sum(c[k] for c in local)) for k in keys], dtype=torch.float64, device=dev)
+        counts = torch.tensor([float(sum(c[k] for c in local)) for k in keys] + [padding], dtype=torch.float64,
+                              device=dev)
         all_reduce(counts, axis="world")  # every target lives on exactly one rank (dp x sp)
         global_counts = dict(zip(keys, counts.tolist()))
+        self.padding_tokens = round(counts[-1].item())
         weights = {"lm": 1.0, **getattr(self.model, "loss_weights", {})}
         sums = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in keys}
         self.aux_sum = torch.zeros((), dtype=torch.float64, device=dev)
@@ -195,7 +206,9 @@ class Trainer:
         tps = tokens / dt
         mfu = None if self.peak_flops is None else self.flops_per_token * tps / (self.peak_flops * self.ctx.world_size)
         return {"step": self.step, "loss": per_loss["lm"], "grad_norm": grad_norm, "lr": lr, **extra,
-                "tokens": tokens, "target_tokens": int(global_counts["lm"]), "tokens_per_s": tps, "mfu": mfu,
+                "tokens": tokens, "target_tokens": int(global_counts["lm"]), "padding_tokens": self.padding_tokens,
+                "padding_frac": self.padding_tokens / tokens, "data_skipped": self.data_skipped,
+                "tokens_per_s": tps, "mfu": mfu,
                 "mem_gb": memory_gb(dev), "gpu_util": gpu_utilization(dev), "step_time_s": dt, **moe}
 
     def fit(self) -> list[dict]:
