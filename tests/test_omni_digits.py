@@ -181,6 +181,26 @@ def test_too_long_samples_are_skipped_and_counted(cfg, dataset):
         make_source(cfg, dataset, seq_len=30, strict=True)
 
 
+def test_data_strict_config_key_reaches_the_source(cfg, dataset, monkeypatch):
+    """`data.strict` from the config: off, over-long samples are skipped and counted (the
+    trainer logs the counts); on, the first one is an error naming its manifest line."""
+    from types import SimpleNamespace
+
+    import engine.data.sources as sources
+
+    monkeypatch.setattr(sources, "build_text_dataset", lambda *a: (SimpleNamespace(tokens=TEXT), CharTokenizer()))
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    short = copy_module.deepcopy(cfg)
+    short.data.seq_len = 30  # "draw the digit 7:" + 16 image codes = 33 tokens
+    data, _ = sources.build_train_data(short, model)
+    assert not data.skipped.strict
+    assert sum(n for why, n in data.skipped.counts.items() if "longer than data.seq_len" in why) > 0
+    short.data.strict = True
+    with pytest.raises(SampleError, match=r"\.jsonl:\d+: .*longer than data\.seq_len"):
+        sources.build_train_data(short, model)
+
+
 def test_micro_batches_identical_across_dp_layouts(cfg, dataset):
     data = make_source(cfg, dataset)
     keys = ("input_ids", "labels", "position_ids", "doc_ids", "ph_index", "dec_next_index", "dec_next_part")
