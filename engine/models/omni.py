@@ -113,12 +113,13 @@ class OmniModel(nn.Module):
         self.decoders, self.decoder_proj = nn.ModuleDict(), nn.ModuleDict()
         self.loss_weights: dict[str, float] = {}
         self.specs: dict[str, dict] = {}
+        self._where: dict[str, tuple[str, int]] = {}
         for kind, i, spec in part_specs(cfg):
-            part = build_part(kind, i, spec)
-            name = spec["name"]
+            name = spec.get("name") if isinstance(spec, dict) else None
             if name in self.specs:
                 raise ValueError(f"model.{kind}[{i}]: part {name!r} is listed twice; each part appears once")
-            self.specs[name] = spec
+            part = build_part(kind, i, spec)
+            self.specs[name], self._where[name] = spec, (kind, i)
             if kind == "encoders":
                 self.encoders[name] = part
                 self.encoder_proj[name] = nn.Linear(part.out_dim, hidden)
@@ -131,6 +132,19 @@ class OmniModel(nn.Module):
             if spec.get("freeze"):
                 part.requires_grad_(False)
         self.ph = placeholder_ids(cfg)
+
+    def part(self, name: str) -> nn.Module:
+        return self.encoders[name] if name in self.encoders else self.decoders[name]
+
+    def build_unsharded_part(self, name: str) -> nn.Module:
+        """A new copy of part `name` as the config describes it, on the current device, with
+        nothing of the parallel layer's wrapping: the trainer loads `init_from` weights into
+        it with the part's own loader, then copies them into the (sharded) part."""
+        kind, i = self._where[name]
+        part = build_part(kind, i, self.specs[name])
+        if hasattr(part, "set_hidden_in"):
+            part.set_hidden_in(self.cfg.hidden_size)
+        return part
 
     # ---- what the parallel layer and the trainer see of the backbone ------------------
     @property

@@ -42,13 +42,13 @@ def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def load_full_state_(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """module's parameters and buffers <- the full tensors of `state` (strict: same names and
-    shapes), each rank keeping its own shard of a sharded parameter. `where` names the module
-    and how to fix a mismatch in errors."""
-    own = dict(module.named_parameters())
-    own.update(dict(module.named_buffers()))
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+def load_full_state_(module: nn.Module, state: dict[str, torch.Tensor], where: str, strict: bool = True) -> None:
+    """module's parameters and buffers <- the full tensors of `state` (same names and shapes;
+    strict: every tensor of the module), each rank keeping its own shard of a sharded
+    parameter. `where` names the module and how to fix a mismatch in errors."""
+    own = {_clean(n): t for n, t in [*module.named_parameters(), *module.named_buffers()]}
+    missing = sorted(own.keys() - state.keys()) if strict else []
+    unexpected = sorted(state.keys() - own.keys())
     if missing or unexpected:
         raise ValueError(f"{where}: the state does not match the module: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}")

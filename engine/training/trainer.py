@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.checkpoint import CheckpointManager
+from engine.checkpoint import CheckpointError, CheckpointManager
 from engine.checkpoint.hf import load_weights_
 from engine.comm import STATS, DistContext, all_reduce, init_distributed, shutdown
 from engine.config import Config, expand_path, resolve_layout
@@ -99,6 +99,8 @@ class Trainer:
         resume_from = self.ckpt.resolve_resume(cfg.checkpoint.resume)
         if resume_from is None and cfg.model.init_from:  # pretrained weights, each rank keeps its shards
             load_weights_(self.model, expand_path(cfg.model.init_from), expect=cfg.model)
+        if resume_from is None and self.is_omni:
+            self.load_part_weights_()
         if resume_from is not None:
             state = self.ckpt.load(resume_from, self.model, self.optimizer, self.trainer_state())
             self.step = int(state["step"])
@@ -107,6 +109,32 @@ class Trainer:
         self.peak_flops = device_peak_flops(ctx.device)
         if self.peak_flops is None and ctx.is_main:
             log.warning("peak FLOP/s of device %s is unknown: mfu is reported as null", ctx.device)
+
+    def load_part_weights_(self) -> None:
+        """`init_from` of each encoder / decoder spec: the part's own Hugging Face loader fills
+        an unsharded CPU copy, then every rank keeps its shard of each tensor the loader set.
+        Costs one full copy of the part per rank while it loads (parts are at most ~1B)."""
+        for name, spec in self.model.specs.items():
+            source = spec.get("init_from")
+            if not source:
+                continue
+            path = expand_path(source)
+            with torch.device("cpu"):
+                full = self.model.build_unsharded_part(name)
+            where = f"model part {name!r} init_from={path}"
+            if not path.exists():
+                raise CheckpointError(f"{where}: no such file or directory; point init_from at a Hugging Face "
+                                      "folder (or state-dict file) of this part")
+            try:
+                loaded = full.load_hf_weights(path)  # a list when the loader fills only some tensors
+                tensors = {**dict(full.named_parameters()), **dict(full.named_buffers())}
+                if isinstance(loaded, list):
+                    tensors = {k: tensors[k] for k in loaded}
+                load_full_state_(self.model.part(name), {k: v.detach() for k, v in tensors.items()}, where,
+                                 strict=not isinstance(loaded, list))
+            except (ValueError, OSError) as e:
+                raise CheckpointError(f"{where}: {e}") from None
+            log.info("part %s: %d tensors from init_from=%s", name, len(tensors), path)
 
     def trainer_state(self) -> dict:
         return {"step": self.step, "scheduler": self.scheduler.state_dict(), "config": json.dumps(self.cfg.to_dict())}
