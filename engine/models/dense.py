@@ -30,9 +30,9 @@ class DenseBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, meta: AttentionMeta) -> torch.Tensor:
+    def forward(self, x, cos, sin, meta: AttentionMeta, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), token_mask)
 
 
 class DenseTransformer(nn.Module):
@@ -75,10 +75,13 @@ class DenseTransformer(nn.Module):
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
                 doc_ids: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
-                attn_meta: Optional[AttentionMeta] = None, return_hidden: bool = False) -> torch.Tensor:
+                attn_meta: Optional[AttentionMeta] = None, return_hidden: bool = False,
+                token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits [B, S, V]. `doc_ids` [B, S] enables document masking for packed rows;
         `attn_meta` (given by the parallel layer) describes the full sequence when this
-        forward only sees a shard of it. `return_hidden` gives the final-norm hidden states."""
+        forward only sees a shard of it. `token_mask` [B, S] (False = padding added by the
+        parallel layer) keeps padding out of MoE router statistics. `return_hidden` gives the
+        final-norm hidden states."""
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, s, _ = h.shape
         if position_ids is None:
@@ -86,7 +89,7 @@ class DenseTransformer(nn.Module):
         cos, sin = self.rotary(position_ids, h.dtype)
         meta = attn_meta if attn_meta is not None else AttentionMeta(doc_ids=doc_ids)
         for block in self.blocks.values():
-            h = block(h, cos, sin, meta)
+            h = block(h, cos, sin, meta, token_mask)
         h = self.norm(h)
         return h if return_hidden else self.logits(h)
 

@@ -133,5 +133,7 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`token_mask` is accepted so that a block calls dense and MoE MLPs alike; a dense MLP
+        treats every token the same, so it does not need it."""
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -72,9 +72,13 @@ class MoE(nn.Module):
             topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
         return logits, probs, topk_idx, topk_weight
 
-    def router_losses(self, logits, probs, topk_idx) -> torch.Tensor:
+    def router_losses(self, logits, probs, topk_idx, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Switch-style load balancing E * sum_e f_e * P_e, plus the optional router z-loss,
-        both over the global batch (statistics summed by `reduce_router_stats`)."""
+        both over the global batch (statistics summed by `reduce_router_stats`) and over the
+        tokens in `keep` only (padding never counts, so the loss does not depend on how much
+        padding a layout adds)."""
+        if keep is not None:
+            logits, probs, topk_idx = logits[keep], probs[keep], topk_idx[keep]
         counts = torch.bincount(topk_idx.flatten(), minlength=self.num_experts).float()
         stats = torch.cat([counts.detach(), probs.sum(0), (torch.logsumexp(logits, -1) ** 2).sum()[None],
                            logits.new_tensor([float(logits.shape[0])])])
@@ -88,11 +92,14 @@ class MoE(nn.Module):
             aux = aux + self.z_coef * z_sum / n_tokens
         return aux * self.aux_share
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`token_mask` [B, S]: False for padding, which is still computed (its output is
+        never read) but left out of the router statistics."""
         b, s, h = x.shape
         flat = x.reshape(-1, h)
         logits, probs, topk_idx, topk_weight = self.route(flat)
-        self.aux_loss = self.router_losses(logits, probs, topk_idx) if self.training else None
+        keep = None if token_mask is None else token_mask.reshape(-1)
+        self.aux_loss = self.router_losses(logits, probs, topk_idx, keep) if self.training else None
         y = self.experts(flat, topk_idx, topk_weight.to(flat.dtype), self.dispatcher)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)

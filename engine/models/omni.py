@@ -239,7 +239,8 @@ class OmniModel(nn.Module):
             rows = self.decoder_proj[name](dec_emb)
             emb = self._place(emb, ids, self.ph[name], batch["ph_index"], rows, name, real)
         hidden = self.backbone(position_ids=batch["position_ids"], doc_ids=batch.get("doc_ids"), inputs_embeds=emb,
-                               attn_meta=batch.get("attn_meta"), return_hidden=True)
+                               attn_meta=batch.get("attn_meta"), return_hidden=True,
+                               token_mask=batch.get("token_mask"))
         text = self._text_targets(batch["labels"])
         logits = self.backbone.logits(hidden[text])
         sums = {"lm": F.cross_entropy(logits.float(), batch["labels"][text], reduction="sum")}

@@ -53,7 +53,9 @@ def shard_batch(batch: dict, sp_rank: int, sp_size: int) -> dict:
         if pad:
             value = torch.cat([value, value.new_full((rows, pad), FILL[key])], dim=1)
         out[key] = value[:, cut]
-    out.update(doc_ids=doc[:, cut], attn_meta=AttentionMeta(doc_ids=doc), true_seq_len=seq)
+    real = torch.arange(seq + pad, device=doc.device) < seq
+    out.update(doc_ids=doc[:, cut], attn_meta=AttentionMeta(doc_ids=doc), true_seq_len=seq,
+               token_mask=real[cut].expand(rows, -1))
     return out
 
 

@@ -168,7 +168,7 @@ class Trainer:
             if self.is_omni:
                 return self.model(batch)
             logits = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"],
-                                attn_meta=batch.get("attn_meta"))
+                                attn_meta=batch.get("attn_meta"), token_mask=batch.get("token_mask"))
         return {"lm": token_loss_sum(logits, batch["labels"])}
 
     def forward_backward(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
