@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.tensor_match import check_tensors
+
 from .base import Encoder
 from .registry import register_encoder
 
@@ -315,14 +317,8 @@ class AudioEncoder(Encoder):
             prefix = next((p for p in ("model.encoder.", "encoder.") if any(k.startswith(p) for k in state)), "")
         tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         own = self.state_dict()
-        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"audio encoder weights (prefix {prefix!r}) do not match: missing {missing}, "
-                             f"unexpected {unexpected}")
-        for name, t in tensors.items():
-            if tuple(t.shape) != tuple(own[name].shape):
-                raise ValueError(f"audio encoder weight {prefix}{name} has shape {tuple(t.shape)}, the encoder expects "
-                                 f"{tuple(own[name].shape)}; build it with the checkpoint's config")
+        check_tensors(own, tensors, "audio encoder weights", prefix=prefix,
+                      fix="; build the encoder with the checkpoint's config")
         for name, t in tensors.items():
             own[name].copy_(t)
 

@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.tensor_match import check_tensors
+
 from .base import Encoder
 from .registry import register_encoder
 
@@ -340,14 +342,7 @@ class VisionEncoder(Encoder):
         prefix = next((p for p in ("model.visual.", "visual.") if any(k.startswith(p) for k in source)), "")
         tensors = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
         params = dict(self.named_parameters())
-        missing, unexpected = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
-        if missing or unexpected:
-            raise ValueError(f"vision: checkpoint (prefix {prefix!r}) does not match the encoder: "
-                             f"missing {missing or 'none'}, unexpected {unexpected or 'none'}")
-        for name, tensor in tensors.items():
-            if tuple(tensor.shape) != tuple(params[name].shape):
-                raise ValueError(f"vision: tensor {prefix}{name} has shape {tuple(tensor.shape)} in the checkpoint, "
-                                 f"{tuple(params[name].shape)} in the encoder")
+        check_tensors(params, tensors, "vision: checkpoint", prefix=prefix)
         with torch.no_grad():
             for name, tensor in tensors.items():
                 params[name].copy_(tensor)

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from engine.tensor_match import check_tensors
+
 
 def _clean(name: str) -> str:
     # Wrappers (activation checkpointing, compile) add prefixes that must not change seeds.
@@ -47,15 +49,8 @@ def load_full_state_(module: nn.Module, state: dict[str, torch.Tensor], where: s
     strict: every tensor of the module), each rank keeping its own shard of a sharded
     parameter. `where` names the module and how to fix a mismatch in errors."""
     own = {_clean(n): t for n, t in [*module.named_parameters(), *module.named_buffers()]}
-    missing = sorted(own.keys() - state.keys()) if strict else []
-    unexpected = sorted(state.keys() - own.keys())
-    if missing or unexpected:
-        raise ValueError(f"{where}: the state does not match the module: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}")
+    check_tensors(own, state, where, strict=strict)
     for name, full in state.items():
-        if tuple(full.shape) != tuple(own[name].shape):
-            raise ValueError(f"{where}.{name}: state shape {tuple(full.shape)} != module shape "
-                             f"{tuple(own[name].shape)}")
         copy_full_(own[name], full)
 
 
