@@ -211,6 +211,18 @@ class OmniModel(nn.Module):
                              f"({int(idx.max()) + 1} > {rows.shape[0]}); make the placeholder count match num_tokens()")
         return emb.masked_scatter(mask[..., None], rows[idx].to(emb.dtype))
 
+    def _payload(self, name: str, part: nn.Module, payloads: dict, ids: torch.Tensor, full_sequence: bool):
+        """(payload to run, whether it is real): the batch's payload for `part`, checked
+        against the part and (on a whole sequence) its placeholder count, or the part's
+        dummy payload when this micro-batch has none."""
+        payload = payloads.get(name)
+        if payload is None:
+            return part.dummy_payload(ids.device), False
+        part.check_payload(payload)
+        if full_sequence:
+            self._check_count(name, int((ids == self.ph[name]).sum()), part.num_tokens(payload))
+        return payload, True
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Sums of cross-entropy per loss ("lm" and each decoder's name) over this batch."""
         batch = self.layout(batch)
@@ -219,23 +231,13 @@ class OmniModel(nn.Module):
         full_sequence = "attn_meta" not in batch  # a Ulysses shard cannot check global counts
         emb = self.backbone.embed(ids)
         for name, enc in self.encoders.items():
-            payload = payloads.get(name)
-            real = payload is not None
-            if real:
-                enc.check_payload(payload)
-                if full_sequence:
-                    self._check_count(name, int((ids == self.ph[name]).sum()), enc.num_tokens(payload))
-            rows = self.encoder_proj[name](call_part(enc, "lm_encode", payload if real else enc.dummy_payload(ids.device)))
+            payload, real = self._payload(name, enc, payloads, ids, full_sequence)
+            rows = self.encoder_proj[name](call_part(enc, "lm_encode", payload))
             emb = self._place(emb, ids, self.ph[name], batch["ph_index"], rows, name, real)
         codes = {}
         for name, dec in self.decoders.items():
-            target = payloads.get(name)
-            real = target is not None
-            if real:
-                dec.check_payload(target)
-                if full_sequence:
-                    self._check_count(name, int((ids == self.ph[name]).sum()), dec.num_tokens(target))
-            dec_emb, codes[name] = dec.lm_encode(target if real else dec.dummy_payload(ids.device))
+            target, real = self._payload(name, dec, payloads, ids, full_sequence)
+            dec_emb, codes[name] = dec.lm_encode(target)
             rows = self.decoder_proj[name](dec_emb)
             emb = self._place(emb, ids, self.ph[name], batch["ph_index"], rows, name, real)
         hidden = self.backbone(position_ids=batch["position_ids"], doc_ids=batch.get("doc_ids"), inputs_embeds=emb,
