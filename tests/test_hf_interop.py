@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 import engine
@@ -20,6 +19,7 @@ from engine.checkpoint.convert import export_hf, import_hf
 from engine.checkpoint.hf import (HFCheckpointError, KeyMismatchError, MissingShardError, ShapeMismatchError,
                                   UnsupportedArchitectureError, load_weights_)
 from launch import TINY, assert_close, losses, train
+from safetensors_files import tensors
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,14 +50,6 @@ def save_hf(tmp_path: Path, arch: str, shard: str | None = None, **overrides) ->
     path = tmp_path / f"hf_{arch}"
     model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
     return model, path
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            out.update({k: sf.get_tensor(k) for k in sf.keys()})
-    return out
 
 
 def edit_config(path: Path, **changes) -> None:

@@ -6,7 +6,6 @@ offline; nothing is downloaded.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import engine
 from engine.checkpoint.convert import export_hf, import_hf
 from engine.checkpoint.hf import KeyMismatchError, UnsupportedArchitectureError, WeightFolder, load_weights_
 from launch import ROOT, assert_close, losses, train
+from safetensors_files import tensors
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,16 +34,6 @@ def hf_moe(seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
     return model
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            out.update({k: sf.get_tensor(k) for k in sf.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")

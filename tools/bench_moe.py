@@ -36,6 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "tools"))
+from machine_info import cpu_model  # noqa: E402
+
 TAG = "BENCH_MOE "
 PARTS = ("volume", "time", "gemm")
 
@@ -346,12 +349,7 @@ def machine() -> dict:
     import torch
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "processor": platform.processor()}
-    try:
-        model = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
-        info["cpu_model"] = model[0] if model else None
-    except OSError:
-        pass
+            "cpu_count": os.cpu_count(), "processor": platform.processor(), "cpu_model": cpu_model()}
     info["loadavg_start"] = os.getloadavg()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

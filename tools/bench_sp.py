@@ -38,6 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "tools"))
+from machine_info import cpu_model  # noqa: E402
+
 WORKER = str(ROOT / "tools" / "bench_sp_worker.py")
 MIB = 2**20
 
@@ -100,14 +103,7 @@ def launch(mode: str, nproc: int, args: dict, timeout: int, distributed: bool, o
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model(platform.processor())
     import torch
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "loadavg_at_start": os.getloadavg()[0], "gpu": "none (sync vs async step time on GPU: not measured)"}

@@ -139,14 +139,19 @@ class VQEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[i](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = _run_level(level, h, "downsample")
         h = self.mid(h)
         return self.conv_out(_swish(self.norm_out(h)))
+
+
+def _run_level(level: nn.Module, h: torch.Tensor, resample: str) -> torch.Tensor:
+    """One resolution level of the VQ encoder / decoder: its resnet blocks (each followed by
+    its attention block where the level has them), then its down- or upsampling if any."""
+    for i, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn) > 0:
+            h = level.attn[i](h)
+    return getattr(level, resample)(h) if hasattr(level, resample) else h
 
 
 class VQDecoder(nn.Module):
@@ -171,12 +176,7 @@ class VQDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
         for level in self.up:
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[i](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = _run_level(level, h, "upsample")
         return self.conv_out(_swish(self.norm_out(h)))
 
 
