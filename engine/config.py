@@ -123,6 +123,11 @@ class DataConfig:
     """Sequences per forward pass on one rank; 0 = the whole local batch (no accumulation)."""
     cache_dir: str = "~/.cache/omni-engine"
     """Where the corpus, tokenizer and token arrays are cached."""
+    tokenizer: str = "sentencepiece"
+    """Text tokenizer trained on the corpus with exactly the model's text ids (model.vocab_size
+    less one placeholder id per omni part): sentencepiece (small vocabularies; at most ~74k
+    on Shakespeare) or bpe (byte-level BPE with Hugging Face tokenizers, any size up to
+    ~1M: 151,933 ids train in about 20 s)."""
     strict: bool = False
     """Bad samples (unreadable payloads, samples longer than seq_len) raise an error naming
     the file and line instead of being skipped and counted in metrics.jsonl."""
@@ -182,6 +187,7 @@ _CHOICES = {
     "model.attention_backend": ("auto", "sdpa", "sdpa_doc", "flash_attn", "eager"),
     "parallel.backend": ("auto", "nccl", "gloo", "fake"),
     "train.dtype": ("fp32", "bf16"),
+    "data.tokenizer": ("sentencepiece", "bpe"),
     "train.device": ("auto", "cpu", "cuda"),
 }
 

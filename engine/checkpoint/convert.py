@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 import yaml
 
+from engine.data.tokenizer import cached_tokenizer_path
 from engine.config import Config, expand_path, load_config
 
 from .hf import (HFCheckpointError, KeyMismatchError, ShapeMismatchError, TensorReader, WeightFolder,
@@ -270,7 +271,7 @@ def export_hf(src: str | Path, out_dir: str | Path, config: Optional[str] = None
         if run_cfg is not None and saved is not None:
             check_config_matches(saved.model, cfg, f"checkpoint {src} was trained with", "--config")
         if tok_path is None:
-            cached = expand_path(full.data.cache_dir) / f"tokenizer_{cfg.vocab_size}.model"
+            cached = cached_tokenizer_path(expand_path(full.data.cache_dir), full.data.tokenizer, cfg.vocab_size)
             tok_path = cached if cached.is_file() else None
     else:
         folder = WeightFolder(src)

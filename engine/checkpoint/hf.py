@@ -562,39 +562,6 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32,
 
 
 # ---- tokenizers ------------------------------------------------------------------------
-class JsonTokenizer:
-    """A `tokenizer.json` (Hugging Face `tokenizers`) with the interface of engine.data's `Tokenizer`."""
-
-    def __init__(self, path: Path):
-        from tokenizers import Tokenizer as _Tokenizer
-
-        self.path = path
-        self._tok = _Tokenizer.from_file(str(path))
-        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
-        special = {}
-        config = path.parent / "tokenizer_config.json"
-        if config.is_file():
-            special = json.loads(config.read_text())
-        ids = {}
-        for role in ("bos", "eos", "pad", "unk"):
-            token = special.get(f"{role}_token")
-            token = token.get("content") if isinstance(token, dict) else token
-            ids[role] = self._tok.token_to_id(token) if token else None
-        self.bos_id, self.eos_id, self.pad_id, self.unk_id = ids["bos"], ids["eos"], ids["pad"], ids["unk"]
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts, num_threads: int = 2) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
-
-    def __repr__(self) -> str:
-        return f"JsonTokenizer(vocab_size={self.vocab_size}, path={self.path})"
-
-
 class SentencePieceTokenizer:
     """A sentencepiece `.model` that lacks some special ids (e.g. Llama 2's, no pad)."""
 
@@ -622,7 +589,7 @@ def load_tokenizer(path: str | Path):
     Returns an object with `encode`, `decode`, `vocab_size`, `bos_id`, `eos_id`, `pad_id`
     (engine.data's `Tokenizer` for our own sentencepiece models).
     """
-    from engine.data.tokenizer import Tokenizer
+    from engine.data.tokenizer import JsonTokenizer, Tokenizer
 
     path = Path(path)
     if path.is_dir():

@@ -41,11 +41,11 @@ IGNORE_INDEX = -100
 def load_or_tokenize(cache_dir: str | Path, tokenizer: Tokenizer, corpus_path: str | Path) -> np.ndarray:
     """The whole corpus as one flat ``int32`` token array (each document + EOS).
 
-    Cached as ``<cache_dir>/tokens_<vocab_size>.npy`` (lock + atomic write, so every
+    Cached as ``<cache_dir>/tokens_<tokenizer.cache_tag>.npy`` (lock + atomic write, so every
     rank may call this at once) and memory-mapped on load. Document starts are not
     stored: they are recomputed from the EOS positions (``doc_starts_from_eos``).
     """
-    path = Path(cache_dir) / f"tokens_{tokenizer.vocab_size}.npy"
+    path = Path(cache_dir) / f"tokens_{tokenizer.cache_tag}.npy"
 
     def build(tmp: Path) -> None:
         docs = tokenizer.encode_batch(load_documents(corpus_path))

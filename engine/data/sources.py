@@ -10,7 +10,7 @@ from engine.config import Config, ConfigError, expand_path
 
 from .packing import PackedTextDataset, micro_batches
 from .text_dataset import build_text_dataset
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, VocabularyUnreachableError
 
 OMNI_DATASETS = ("synthetic_omni", "omni_digits")
 
@@ -35,8 +35,20 @@ def build_train_data(cfg: Config, model: nn.Module) -> tuple[object, Tokenizer]:
     if not omni and name != "shakespeare":
         raise ConfigError(f"config key 'data.dataset'={name!r} needs model.encoders/decoders; use shakespeare "
                           "for a text-only model")
-    text, tokenizer = build_text_dataset(expand_path(cfg.data.cache_dir), text_vocab_size(cfg.model),
-                                         cfg.data.seq_len, cfg.train.seed)
+    n_text = text_vocab_size(cfg.model)
+    try:
+        text, tokenizer = build_text_dataset(expand_path(cfg.data.cache_dir), n_text, cfg.data.seq_len,
+                                             cfg.train.seed, cfg.data.tokenizer)
+    except VocabularyUnreachableError as e:
+        parts = f" less {cfg.model.vocab_size - n_text} placeholder ids" if n_text != cfg.model.vocab_size else ""
+        if n_text < 260:
+            fix = "raise model.vocab_size to 512 or more"
+        elif cfg.data.tokenizer == "sentencepiece":
+            fix = "set data.tokenizer=bpe, or lower model.vocab_size"
+        else:
+            fix = "lower model.vocab_size"
+        raise ConfigError(f"config key 'model.vocab_size'={cfg.model.vocab_size}{parts} asks for a {n_text}-id "
+                          f"data.tokenizer={cfg.data.tokenizer}, which the corpus cannot give ({e}); {fix}") from None
     if not omni:
         return TextData(text), tokenizer
     if name == "omni_digits":  # real digits: images, speech, videos, drawing (engine/data/omni_digits.py)

@@ -13,16 +13,18 @@ import torch.nn.functional as F
 def grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of `x` grouped by expert (counts[e] rows for expert e) times weight_t[e] [K, N].
 
-    `torch._grouped_mm` (one kernel for all experts) where this build supports it for the
-    dtype and device; otherwise a loop over experts with tokens (empty experts are skipped).
+    `torch._grouped_mm` (one kernel for all experts) where it accepts these inputs;
+    otherwise a loop over experts with tokens (empty experts are skipped).
     """
     if x.shape[0] == 0:
         return x.new_zeros((0, weight_t.shape[-1]))
-    if hasattr(torch, "_grouped_mm") and _grouped_mm_ok(x):
+    if _use_grouped_kernel(x, weight_t):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x, weight_t, offs=offs))
     # unbind, not weight_t[e]: indexing would make autograd build a full [E, K, N] zero
-    # gradient for every expert
+    # gradient for every expert. Under torch.compile, `tolist` is a graph break: the loop
+    # runs eagerly between two compiled pieces (the fallback for fp32, which the compiled
+    # kernel rejects).
     weights = weight_t.unbind(0)
     outs = [xe @ weights[e] for e, xe in enumerate(torch.split(x, counts.tolist())) if xe.shape[0]]
     return torch.cat(outs) if outs else x.new_zeros((0, weight_t.shape[-1]))
@@ -44,24 +46,63 @@ class _ContiguousGrad(torch.autograd.Function):
 _GROUPED_OK: dict[tuple, bool] = {}
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    """Probe once per (device type, dtype): the kernel's coverage differs between builds."""
+def _use_grouped_kernel(x: torch.Tensor, weight_t: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` takes these inputs.
+
+    - Compiled (and on CUDA, eager too), the kernel takes BF16 only; on CUDA it also needs
+      16-byte aligned rows (dimensions multiple of 8 in BF16; we ask 16, as the kernels'
+      fast paths do) and a Hopper-class device, which the one-time probe finds out.
+    - Eager on CPU, coverage differs between builds: probed once per (device, dtype).
+    """
+    if not hasattr(torch, "_grouped_mm") or x.dtype != weight_t.dtype:
+        return False
+    if (torch.compiler.is_compiling() or x.device.type == "cuda") and x.dtype != torch.bfloat16:
+        return False
+    if x.device.type == "cuda" and (x.shape[-1] % 16 or weight_t.shape[-1] % 16):
+        return False
     key = (x.device.type, x.dtype)
-    if key not in _GROUPED_OK:
-        try:
-            a = torch.ones(4, 8, device=x.device, dtype=x.dtype, requires_grad=True)
-            b = torch.ones(2, 8, 8, device=x.device, dtype=x.dtype, requires_grad=True)
-            y = torch._grouped_mm(a, b, offs=torch.tensor([1, 4], device=x.device, dtype=torch.int32))
+    ok = _GROUPED_OK.get(key)
+    if ok is None:
+        ok = _GROUPED_OK[key] = _probe_grouped_mm(x.device, x.dtype)
+    return ok
+
+
+@torch.compiler.disable
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Run the kernel forward and backward on a toy problem.
+
+    The first MoE forward calls this, possibly inside an activation-checkpointed block:
+    its own saved-tensor hooks keep the toy tensors out of the checkpoint's bookkeeping
+    (the recomputation does not probe again, so it would save fewer tensors), and it runs
+    with grad enabled whatever the caller's mode.
+    """
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            a = torch.ones(32, 16, device=device, dtype=dtype, requires_grad=True)
+            b = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
+            y = torch._grouped_mm(a, b, offs=offs)
             y.backward(torch.ones_like(y))  # a dense gradient, as _ContiguousGrad guarantees
-            _GROUPED_OK[key] = True
-        except (RuntimeError, NotImplementedError):
-            _GROUPED_OK[key] = False
-    return _GROUPED_OK[key]
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cast to the autocast dtype when autocast is on: it casts Linear layers' inputs and
+    weights, but knows nothing of the grouped GEMM, which would otherwise run in fp32 (and,
+    compiled, be rejected)."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def expert_ffn(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: torch.Tensor,
                down_proj: torch.Tensor) -> torch.Tensor:
     """SwiGLU experts over tokens already grouped by expert."""
+    x, gate_up_proj, down_proj = _autocast_inputs(x, gate_up_proj, down_proj)
     gate, up = grouped_mm(x, gate_up_proj.transpose(1, 2), counts).chunk(2, dim=-1)
     return grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), counts)
 

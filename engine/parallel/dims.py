@@ -42,6 +42,11 @@ class ParallelDims:
     def fsdp_enabled(self) -> bool:
         return self.dp_shard * self.sp > 1 or self.dp_replicate > 1
 
+    def build_replicate_mesh(self, device_type: str) -> DeviceMesh:
+        """(world, 1): HSDP with a one-rank shard axis, i.e. a whole copy on every rank and
+        gradients all-reduced over the world (the `replicate` recipe of omni parts)."""
+        return init_device_mesh(device_type, (self.world_size, 1), mesh_dim_names=("replicate_all", "unsharded"))
+
     def build_meshes(self, device_type: str) -> "Meshes":
         world = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.sp),
                                  mesh_dim_names=("dp_replicate", "dp_shard", "sp"))

@@ -25,11 +25,12 @@ def apply_activation_checkpointing(blocks: nn.ModuleDict) -> None:
 
 def apply_fsdp(model: nn.Module, blocks: nn.ModuleDict, mesh: DeviceMesh, dtype: str,
                experts: list[nn.Module] = (), expert_mesh: DeviceMesh | None = None,
-               parts: list[nn.Module] = (), ignored: set[nn.Parameter] | None = None) -> None:
+               parts: list[nn.Module] = (), replicated: list[nn.Module] = (),
+               replicate_mesh: DeviceMesh | None = None) -> None:
     """One FSDP unit per block plus the root (embeddings, final norm, head); expert weights
     (under expert parallelism) are their own units on the expert mesh; omni parts with the
-    `fsdp` recipe are their own units; `ignored` parameters (the `replicate` recipe) stay
-    whole on every rank.
+    `fsdp` recipe are their own units; `replicated` parts (the `replicate` recipe) are units
+    on `replicate_mesh`, whole on every rank.
 
     The gradient divide factor is 1: the training loss is already normalised by the global
     number of target tokens, so gradients must be summed over ranks, never averaged.
@@ -39,11 +40,14 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleDict, mesh: DeviceMesh, dtype:
         fully_shard(module, mesh=expert_mesh, mp_policy=policy)
     for module in parts:
         fully_shard(module, mesh=mesh, mp_policy=policy)
+    for module in replicated:
+        assert replicate_mesh is not None and replicate_mesh.shape[-1] == 1
+        fully_shard(module, mesh=replicate_mesh, mp_policy=policy)
     for name, block in blocks.items():
         # The last block's parameters are needed right away in backward: keep them gathered.
         last = name == list(blocks.keys())[-1]
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=not last)
-    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored or None)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

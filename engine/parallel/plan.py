@@ -43,7 +43,7 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshe
     if meshes is not None and dims.fsdp_enabled:
         experts = [m.experts for m in moe_layers.values()] if dims.ep > 1 else []
         units, replicated = part_recipes(model)
-        apply_fsdp(model, model.blocks, meshes.fsdp, cfg.train.dtype, experts, meshes.expert_fsdp, units, replicated)
-        # names, not objects: materialisation (to_empty) replaces plain parameters
-        model.replicated_param_names = [n for n, p in model.named_parameters() if any(p is q for q in replicated)]
+        replicate_mesh = dims.build_replicate_mesh(device_type) if replicated else None
+        apply_fsdp(model, model.blocks, meshes.fsdp, cfg.train.dtype, experts, meshes.expert_fsdp, units,
+                   replicated, replicate_mesh)
     return model

@@ -40,30 +40,42 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _sum_sq(grads: list[torch.Tensor]) -> torch.Tensor:
+def _sum_sq(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if not grads:
-        return torch.zeros(1, dtype=torch.float64)
+        return torch.zeros(1, dtype=torch.float64, device=device)
     return torch.stack([g.double().pow(2).sum() for g in grads]).sum().reshape(1)
 
 
+def _replicas(t: DTensor) -> int:
+    """How many ranks hold each element of a DTensor: the product of its replicated axes."""
+    return math.prod(t.device_mesh.size(i) for i, p in enumerate(t.placements) if p.is_replicate())
+
+
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float, replicas: int = 1) -> float:
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
     """Global L2 norm over every rank's gradient shards, then clip in place.
 
-    Parameters live on different meshes (experts on the EP mesh, the rest on the FSDP
-    mesh), so the norm is summed from local shards over the whole world: every element of
-    a sharded parameter is held by exactly `replicas` ranks (the HSDP replica groups), so
-    that sum is divided by it. Plain (replicated) parameters are counted once.
+    Parameters live on different meshes (experts on the EP mesh, replicated parts on the
+    replicate mesh, the rest on the FSDP mesh), so the norm is summed from local shards
+    over the whole world, each shard's square divided by the number of ranks that hold
+    the same elements (its replicated mesh axes). Plain tensors (one process) count once.
     """
-    sharded = [p.grad.to_local() for p in model.parameters() if isinstance(p.grad, DTensor)]
-    whole = [p.grad for p in model.parameters() if p.grad is not None and not isinstance(p.grad, DTensor)]
-    if not sharded and not whole:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
         return 0.0
-    shard_sq = _sum_sq(sharded)
-    all_reduce(shard_sq, axis="world")
-    # whole (replicated) gradients are identical on every rank after their all-reduce: count once
-    total = float(shard_sq.item() / replicas + _sum_sq(whole).item()) ** 0.5
-    grads = sharded + whole
+    device = grads[0].device
+    by_replicas: dict[int, list[torch.Tensor]] = {}
+    for g in grads:
+        if isinstance(g, DTensor):
+            by_replicas.setdefault(_replicas(g), []).append(g.to_local())
+    sharded_sq = _sum_sq([], device)
+    for r, local in by_replicas.items():
+        sharded_sq += _sum_sq(local, device) / r
+    if by_replicas:
+        all_reduce(sharded_sq, axis="world")
+    whole = [g for g in grads if not isinstance(g, DTensor)]
+    total = float(sharded_sq.item() + _sum_sq(whole, device).item()) ** 0.5
+    locals_ = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     if max_norm > 0 and total > max_norm:
-        torch._foreach_mul_(grads, max_norm / (total + 1e-6))
+        torch._foreach_mul_(locals_, max_norm / (total + 1e-6))
     return total

@@ -29,7 +29,6 @@ from engine.models import build_model
 from engine.models.omni import OmniModel
 from engine.parallel import ParallelDims, materialize, parallelize
 from engine.parallel.init import load_full_state_
-from engine.parallel.part_recipes import sync_replicated_grads
 from engine.parallel.ulysses import shard_batch
 
 from .metrics import MetricsLogger, device_peak_flops, gpu_utilization, memory_gb
@@ -208,14 +207,13 @@ class Trainer:
             objective.backward()
             for k in keys:
                 sums[k] += losses[k].detach().double()
-        sync_replicated_grads(self.model)
         return sums, global_counts
 
     def train_step(self) -> dict:
         cfg, dev = self.cfg, self.ctx.device
         t0 = time.perf_counter()
         sums, global_counts = self.forward_backward()
-        grad_norm = clip_grad_norm_(self.model, cfg.train.grad_clip, self.dims.dp_replicate)
+        grad_norm = clip_grad_norm_(self.model, cfg.train.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
