@@ -1,4 +1,5 @@
-"""Run the first forward/backward of a config and save every parameter's full gradient.
+"""Run the first forward/backward of a config and save every parameter's full gradient
+(OUT.pt) and the global batch's losses (OUT.pt.losses: {loss name: mean over its targets}).
 
     python grad_worker.py OUT.pt --config ... --section.key=value ...   (plain or under torchrun)
 
@@ -12,7 +13,7 @@ import sys
 import torch
 from torch.distributed.tensor import DTensor
 
-from engine.comm import init_distributed, shutdown
+from engine.comm import all_reduce, init_distributed, shutdown
 from engine.config import load_config, parse_overrides
 from engine.training.trainer import Trainer
 
@@ -21,7 +22,10 @@ torch.set_num_threads(1)
 cfg = load_config(*parse_overrides(argv))
 ctx = init_distributed(cfg.parallel.backend, "cpu")
 trainer = Trainer(cfg, ctx)
-trainer.forward_backward()
+sums, counts = trainer.forward_backward()
+totals = torch.stack([sums[k] for k in sums])
+all_reduce(totals, axis="world")
+step_losses = {k: t / counts[k] for k, t in zip(sums, totals.tolist()) if counts[k]}
 grads = {}
 for mod_name, module in trainer.model.named_modules():
     for pname, p in module.named_parameters(recurse=False):
@@ -32,9 +36,11 @@ for mod_name, module in trainer.model.named_modules():
             parts = [torch.empty_like(g) for _ in range(trainer.dims.ep)]
             torch.distributed.all_gather(parts, g.contiguous(), group=trainer.meshes.ep.get_group())
             g = torch.cat(parts)
-        grads[f"{mod_name}.{pname}".replace("_checkpoint_wrapped_module.", "")] = g.detach().clone()
+        name = f"{mod_name}.{pname}".replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+        grads[name] = g.detach().clone()
 if ctx.is_main:
     torch.save(grads, out_path)
+    torch.save(step_losses, out_path + ".losses")
 trainer.close()
 del trainer
 gc.collect()

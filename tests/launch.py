@@ -40,8 +40,9 @@ def assert_close(a: list[float], b: list[float], rel: float) -> None:
     assert worst <= rel, f"relative difference {worst:.2e} > {rel:.0e}\n{a}\n{b}"
 
 
-def first_gradients(tmp_path: Path, nproc: int, *overrides: str, config: str = TINY) -> dict:
-    """Every parameter's full gradient after the first forward/backward (tests/grad_worker.py)."""
+def first_gradients(tmp_path: Path, nproc: int, *overrides: str, config: str = TINY, with_losses: bool = False):
+    """Every parameter's full gradient after the first forward/backward (tests/grad_worker.py);
+    with_losses: (gradients, {loss name: the global batch's mean loss})."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / f"grads_{nproc}.pt"
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -53,4 +54,12 @@ def first_gradients(tmp_path: Path, nproc: int, *overrides: str, config: str = T
     assert proc.returncode == 0, proc.stderr[-5000:]
     import torch
 
-    return torch.load(out)
+    grads = torch.load(out)
+    return (grads, torch.load(f"{out}.losses")) if with_losses else grads
+
+
+def assert_gradients_close(got: dict, ref: dict, rel: float) -> None:
+    assert got.keys() == ref.keys() and len(ref) > 3, (sorted(got)[:5], sorted(ref)[:5])
+    for name in ref:
+        err = ((got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-30)).item()
+        assert err <= rel, f"{name}: relative gradient error {err:.2e} > {rel:.0e}"

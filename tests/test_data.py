@@ -28,7 +28,10 @@ from engine.data import (
     load_documents,
     micro_batches,
 )
+from engine.config import ConfigError, load_config
 from engine.data.errors import DataError
+from engine.data.sources import build_train_data
+from engine.data.tokenizer import load_or_train_tokenizer
 from engine.data import corpus as corpus_mod
 from engine.data.corpus import MAX_WORDS, MIN_WORDS, split_documents
 
@@ -302,6 +305,46 @@ def test_tokenizer_bad_files_are_value_errors(tmp_path):
         Tokenizer.from_file(corrupt)
     with pytest.raises(ValueError, match="tokenizer_512.model"):  # cached but corrupt
         Tokenizer.load_or_train(tmp_path, 512, tmp_path / "unused.jsonl")
+
+
+def test_bpe_tokenizer_has_exact_size_roundtrips_and_never_emits_specials(synthetic_cache):
+    """data.tokenizer=bpe: a byte-level BPE trained to exactly the asked size, cached, and
+    loadable by transformers as a fast tokenizer with the same ids."""
+    corpus = synthetic_cache / "corpus.jsonl"
+    tok = load_or_train_tokenizer(synthetic_cache, "bpe", 600, corpus)
+    path = synthetic_cache / "tokenizer_bpe_600.json"
+    assert tok.vocab_size == 600 and path.is_file()
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+    texts = load_documents(corpus)[:20] + ["Thou  art\nfair, café ☃ 42!", "a literal </s> and <pad> in text"]
+    for text in texts:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert all(4 <= i < 600 for i in ids)  # special ids never come out of encode
+    mtime = path.stat().st_mtime_ns
+    again = load_or_train_tokenizer(synthetic_cache, "bpe", 600, corpus)
+    assert path.stat().st_mtime_ns == mtime and again.encode(texts[0]) == tok.encode(texts[0])
+    ds, _ = build_text_dataset(synthetic_cache, 600, seq_len=16, seed=0, tokenizer_kind="bpe")
+    assert (synthetic_cache / "tokens_bpe_600.npy").exists() and ds.tokens.max() < 600
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
+    assert hf(texts[0], add_special_tokens=False)["input_ids"] == tok.encode(texts[0])
+
+
+def test_unreachable_vocabulary_is_a_one_line_config_error(synthetic_cache, tmp_path):
+    """Asking a tokenizer for more pieces than the corpus gives names the keys to change."""
+    import shutil
+
+    shutil.copy(synthetic_cache / "corpus.jsonl", tmp_path / "corpus.jsonl")
+    for kind, fix in (("sentencepiece", "set data.tokenizer=bpe"), ("bpe", "lower model.vocab_size")):
+        cfg = load_config(None, [("data.cache_dir", str(tmp_path)), ("model.vocab_size", "60000"),
+                                 ("data.tokenizer", kind)])
+        with pytest.raises(ConfigError) as err:
+            build_train_data(cfg, None)
+        message = str(err.value)
+        assert "'model.vocab_size'=60000" in message and f"data.tokenizer={kind}" in message and fix in message
+        assert "\n" not in message
+    with pytest.raises(ConfigError, match="data.tokenizer' must be one of sentencepiece, bpe"):
+        load_config(None, [("data.tokenizer", "wordpiece")])
 
 
 # ------------------------------------------------------------------ builder

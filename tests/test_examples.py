@@ -6,10 +6,12 @@ process."""
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from engine.config import ConfigError, load_config, parse_overrides, resolve_layout
 from engine.models import build_model
@@ -84,3 +86,60 @@ def test_composed_cpu_script_runs_and_matches_one_process(tmp_path):
     # statistics, so routing counts and the load-balancing loss are the one-process ones.
     assert [r["moe_tokens_per_expert"] for r in composed] == [r["moe_tokens_per_expert"] for r in one]
     assert_close([r["aux_loss"] for r in composed], [r["aux_loss"] for r in one], rel=1e-5)
+
+
+# ---- every launch script's exact layout, one optimizer step on the fake backend ----------
+# One process plays rank 0 of the script's world (torch's fake process group: collectives
+# return at once, so the numbers are not the real run's; the shapes, meshes, wrappers,
+# hooks and schedules are). The 128-GPU model keeps every width (hidden 2048, 128 experts,
+# the 151,936-word vocabulary and its tokenizer, the 1280-wide vision and audio towers, the
+# 384-pixel VQ decoder) with depth and sequence cut so it fits this machine.
+def _reduced_flagship(path: Path) -> Path:
+    tree = yaml.safe_load((ROOT / "examples" / "configs" / "omni_moe_30b_a3b.yaml").read_text())
+    tree["model"]["num_layers"] = 2
+    for enc in tree["model"]["encoders"]:
+        for depth_key in ("depth", "encoder_layers"):
+            if depth_key in enc:
+                enc[depth_key] = 2
+    # 32 sequences = one per data-parallel rank: one micro-batch instead of 8, same layout
+    tree["data"].update(seq_len=1024, global_batch_size=32)
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _fake_launch(script: Path, tmp_path: Path, timeout: int) -> tuple[int, dict, str]:
+    world, args = world_and_args(dry_run(script))
+    if script.name == "run_omni_moe_128gpu.sh":
+        at = args.index("--config")
+        args[at + 1] = str(_reduced_flagship(tmp_path / "flagship_reduced.yaml"))
+    cmd = [sys.executable, str(ROOT / "pretrain_omni.py"), *args, "--parallel.backend=fake",
+           f"--parallel.fake_world_size={world}", "--train.device=cpu", "--train.steps=1",
+           "--checkpoint.enabled=false", "--train.progress_bar=false", "--train.tensorboard=false",
+           f"--train.output_dir={tmp_path / 'out'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["step"] == 1
+    return world, records[0], proc.stderr
+
+
+@pytest.mark.timeout(900)
+def test_128gpu_layout_trains_one_step_at_full_width_on_fake_backend(tmp_path):
+    world, record, log = _fake_launch(ROOT / "examples" / "run_omni_moe_128gpu.sh", tmp_path, timeout=840)
+    assert world == 128
+    assert ("layout {'dp_replicate': 2, 'dp_shard': 16, 'sp': 4, 'ep': 8, 'dp': 32, 'local_batch': 1, "
+            "'micro_batch': 1, 'grad_accum': 1}, world 128") in log
+    assert record["tokens"] == 32 * 1024
+    # rank 0's share of the routing: every one of the 128 experts counted in both MoE layers
+    assert sorted(record["moe_tokens_per_expert"]) == ["blocks.0", "blocks.1"]
+    assert all(len(v) == 128 for v in record["moe_tokens_per_expert"].values())
+    assert record["mem_gb"] > 0
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s.name != "run_omni_moe_128gpu.sh"],
+                         ids=[s.stem for s in SCRIPTS if s.name != "run_omni_moe_128gpu.sh"])
+def test_launch_script_layout_trains_one_step_on_fake_backend(tmp_path, script):
+    world, record, log = _fake_launch(script, tmp_path, timeout=540)
+    assert f"world {world}, device cpu" in log and record["tokens"] > 0

@@ -37,13 +37,31 @@ def test_omni_loss_trace_matches_one_process(reference, tmp_path, overrides):
     assert_close([r["loss_image_vq"] for r in records], [r["loss_image_vq"] for r in reference], rel=1e-5)
 
 
-def test_replicate_recipe_matches_fsdp(tmp_path):
+def _replicate_config(tmp_path):
     yaml = tmp_path / "omni_replicate.yaml"
     text = (ROOT / "examples/configs/tiny_omni.yaml").read_text()
     yaml.write_text(text.replace("{name: vision,", "{name: vision, recipe: replicate,"))
-    one = train(tmp_path / "one", 1, *COMMON, config=str(yaml))
-    two = train(tmp_path / "two", 2, *COMMON, config=str(yaml))
+    return str(yaml)
+
+
+def test_replicate_recipe_matches_fsdp(tmp_path):
+    yaml = _replicate_config(tmp_path)
+    one = train(tmp_path / "one", 1, *COMMON, config=yaml)
+    two = train(tmp_path / "two", 2, *COMMON, config=yaml)
     assert_close(losses(two), losses(one), rel=1e-5)
+    assert_close([r["grad_norm"] for r in two], [r["grad_norm"] for r in one], rel=1e-5)  # replicas counted once
+
+
+def test_replicate_recipe_in_bf16_under_fsdp_and_hsdp(tmp_path):
+    """The replicated part gets FSDP's bf16 policy like every other unit (it used to stay
+    fp32 and meet the bf16 projection): losses within bf16 tolerance of the fsdp recipe."""
+    bf16 = [*COMMON, "--train.dtype=bf16", "--train.steps=3"]
+    fsdp = train(tmp_path / "fsdp", 2, *bf16, config=OMNI)
+    replicate = train(tmp_path / "replicate", 2, *bf16, config=_replicate_config(tmp_path))
+    hsdp = train(tmp_path / "hsdp", 4, *bf16, "--parallel.dp_replicate=2", config=_replicate_config(tmp_path))
+    assert_close(losses(replicate), losses(fsdp), rel=5e-3)
+    assert_close(losses(hsdp), losses(fsdp), rel=5e-3)
+    assert_close([r["loss_image_vq"] for r in hsdp], [r["loss_image_vq"] for r in fsdp], rel=5e-3)
 
 
 def _rows_with_vision(cfg, seed):
