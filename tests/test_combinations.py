@@ -65,6 +65,7 @@ def test_rows_cover_every_pair_in_all_states():
             assert states == {(True, True), (True, False), (False, True), (False, False)}, (x, y)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("model", list(MODELS))
 def test_every_pair_of_features_trains(tmp_path, model):

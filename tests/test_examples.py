@@ -124,6 +124,7 @@ def _fake_launch(script: Path, tmp_path: Path, timeout: int) -> tuple[int, dict,
     return world, records[0], proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_128gpu_layout_trains_one_step_at_full_width_on_fake_backend(tmp_path):
     world, record, log = _fake_launch(ROOT / "examples" / "run_omni_moe_128gpu.sh", tmp_path, timeout=840)
@@ -140,6 +141,7 @@ def test_128gpu_layout_trains_one_step_at_full_width_on_fake_backend(tmp_path):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("script", [s for s in SCRIPTS if s.name != "run_omni_moe_128gpu.sh"],
                          ids=[s.stem for s in SCRIPTS if s.name != "run_omni_moe_128gpu.sh"])
+@pytest.mark.slow
 def test_launch_script_layout_trains_one_step_on_fake_backend(tmp_path, script):
     world, record, log = _fake_launch(script, tmp_path, timeout=540)
     assert f"world {world}, device cpu" in log and record["tokens"] > 0

@@ -93,6 +93,7 @@ def one_process(tmp_path_factory):
     (["--parallel.activation_checkpointing=true"], 1e-5),
     (["--parallel.activation_checkpointing=true", "--train.compile=true"], 1e-5),
 ], ids=["ac", "ac+compile"])
+@pytest.mark.slow
 def test_checkpointing_and_compile_under_ep_and_sp(one_process, tmp_path, nproc, layout, features, rel):
     ref_g, ref_l = one_process
     got_g, got_l = first_gradients(tmp_path, nproc, *layout, *features, config=MOE, with_losses=True)

@@ -52,6 +52,7 @@ def test_replicate_recipe_matches_fsdp(tmp_path):
     assert_close([r["grad_norm"] for r in two], [r["grad_norm"] for r in one], rel=1e-5)  # replicas counted once
 
 
+@pytest.mark.slow
 def test_replicate_recipe_in_bf16_under_fsdp_and_hsdp(tmp_path):
     """The replicated part gets FSDP's bf16 policy like every other unit (it used to stay
     fp32 and meet the bf16 projection): losses within bf16 tolerance of the fsdp recipe."""
