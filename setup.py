@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="PyTorch-native engine for training omni-modal LLMs with FSDP/HSDP, Ulysses SP and EP",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*"]),
+    packages=find_packages(include=["engine", "engine.*", "omni_datasets", "omni_datasets.*"]),
     py_modules=["pretrain_omni"],
     # torch is deliberately a range: on a CPU machine install `torch==2.13.0` first (or in the
     # same pip call) so the local CPU build satisfies it and no CUDA wheels are pulled.
@@ -17,11 +17,12 @@ setup(
         "tqdm",
         "tensorboard",
         "safetensors",
-        "scikit-learn",
-        "pillow",  # tools/eval_omni.py writes its PNG grid with it
+        "tokenizers",  # tokenizer.json files and data.tokenizer=bpe
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers>=4.51"],
+        # the omni-digits demo dataset (omni_datasets/): scikit-learn's digits, PNG grids, resampling
+        "demo": ["scikit-learn", "pillow", "scipy"],
+        "test": ["pytest", "pytest-timeout", "transformers>=4.51", "scikit-learn", "pillow", "scipy"],
         "plots": ["matplotlib"],  # tools/plot_losses.py
         # Need CUDA to build or run; never installed on CPU machines.
         "gpu": ["flash-attn", "transformer-engine[pytorch]", "nvidia-ml-py"],

@@ -8,8 +8,12 @@ __all__ = ["load_pretrained", "load_tokenizer"]
 
 
 def __getattr__(name: str):
-    if name in __all__:
-        from engine.checkpoint import hf
+    if name == "load_pretrained":
+        from engine.checkpoint.hf import load_pretrained
 
-        return getattr(hf, name)
+        return load_pretrained
+    if name == "load_tokenizer":
+        from engine.data.tokenizer import load_tokenizer
+
+        return load_tokenizer
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -131,6 +131,9 @@ class DataConfig:
     strict: bool = False
     """Bad samples (unreadable payloads, samples longer than seq_len) raise an error naming
     the file and line instead of being skipped and counted in metrics.jsonl."""
+    plugins: list[str] = field(default_factory=list)
+    """Modules (dotted names or .py paths) imported before the data is built, so that the
+    datasets they define with `register_dataset` can be named in data.dataset."""
 
 
 @dataclass

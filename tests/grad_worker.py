@@ -25,7 +25,7 @@ trainer = Trainer(cfg, ctx)
 sums, counts = trainer.forward_backward()
 totals = torch.stack([sums[k] for k in sums])
 all_reduce(totals, axis="world")
-step_losses = {k: t / counts[k] for k, t in zip(sums, totals.tolist()) if counts[k]}
+step_losses = {k: t / counts[k] if k in counts else t for k, t in zip(sums, totals.tolist()) if counts.get(k, 1)}
 grads = {}
 for mod_name, module in trainer.model.named_modules():
     for pname, p in module.named_parameters(recurse=False):

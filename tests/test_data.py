@@ -339,7 +339,7 @@ def test_unreachable_vocabulary_is_a_one_line_config_error(synthetic_cache, tmp_
         cfg = load_config(None, [("data.cache_dir", str(tmp_path)), ("model.vocab_size", "60000"),
                                  ("data.tokenizer", kind)])
         with pytest.raises(ConfigError) as err:
-            build_train_data(cfg, None)
+            build_train_data(cfg)
         message = str(err.value)
         assert "'model.vocab_size'=60000" in message and f"data.tokenizer={kind}" in message and fix in message
         assert "\n" not in message

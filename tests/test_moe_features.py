@@ -36,7 +36,7 @@ def _first_step(tmp_path, config, *overrides):
     sums, counts = trainer.forward_backward()
     grads = {n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): p.grad.clone()
              for n, p in trainer.model.named_parameters() if p.grad is not None}
-    step_losses = {k: (sums[k] / counts[k]).item() for k in sums if counts[k]}
+    step_losses = {k: (sums[k] / counts.get(k, 1)).item() for k in sums if counts.get(k, 1)}
     trainer.close()
     return grads, step_losses
 

@@ -5,6 +5,7 @@ import textwrap
 import pytest
 import torch
 
+from engine.batch import Batch
 from engine.config import ModelConfig, load_config
 from engine.data.omni_packing import OmniSample, pack_rows
 from engine.data.synthetic_omni import SyntheticOmniData
@@ -130,8 +131,7 @@ def test_payload_that_does_not_fit_the_encoder_is_a_clear_error():
     payload = model.encoders["vision"].dummy_payload()
     payload["pixel_values"] = payload["pixel_values"][:, :-1]  # wrong patch width
     ids = torch.tensor([[5] + [ph] * model.encoders["vision"].num_tokens(model.encoders["vision"].dummy_payload()) + [6]])
-    batch = {"input_ids": ids, "labels": torch.full_like(ids, -100), "position_ids": torch.arange(ids.shape[1])[None],
-             "doc_ids": torch.zeros_like(ids), "payloads": {"vision": payload}}
+    batch = Batch(input_ids=ids, payloads={"vision": payload})
     with pytest.raises(ValueError, match="pixel_values"):
         model(batch)
 
@@ -142,8 +142,7 @@ def test_placeholder_count_must_match_payload():
     payload = enc.dummy_payload()
     n = enc.num_tokens(payload)
     ids = torch.tensor([[5] + [ph] * (n + 1) + [6]])
-    batch = {"input_ids": ids, "labels": torch.full_like(ids, -100), "position_ids": torch.arange(ids.shape[1])[None],
-             "doc_ids": torch.zeros_like(ids), "payloads": {"vision": payload}}
+    batch = Batch(input_ids=ids, payloads={"vision": payload})
     with pytest.raises(ValueError, match=rf"{n + 1} placeholder tokens .* {n} embeddings"):
         model(batch)
     with pytest.raises(ValueError, match=rf"'vision': {n + 1} placeholder tokens but its payloads need {n}"):
@@ -160,7 +159,7 @@ def test_encoder_rows_land_on_their_placeholders():
     n = enc.num_tokens(payload)
     sample = OmniSample([7, 8] + [ph] * n + [9, 10], [-100] * (n + 4), {"vision": [payload]})
     batch = pack_rows([[sample]], n + 6, 0, {"vision": ph}, [], {"vision": enc})
-    other = dict(batch, payloads={"vision": {**payload, "pixel_values": torch.randn_like(payload["pixel_values"])}})
+    other = batch.replace(payloads={"vision": {**payload, "pixel_values": torch.randn_like(payload["pixel_values"])}})
     emb = {}
     def grab(module, args):
         emb[len(emb)] = args[0]

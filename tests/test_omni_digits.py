@@ -1,7 +1,6 @@
 """omni-digits: manifests, skipped samples, strict mode, layout-independent batches, padding."""
 
 import copy as copy_module
-import importlib.util
 import json
 import shutil
 import textwrap
@@ -11,13 +10,14 @@ import pytest
 import torch
 
 from engine.config import load_config
-from engine.data.omni_digits import (BuildOptions, ManifestError, MissingToolError, SampleError, ensure_espeak,
-                                     ensure_omni_digits, load_split, parse_wav, read_manifest)
-from engine.data.omni_digits_source import OmniDigitsData, ensure_vq_tokenizer, parse_digits
 from engine.models import build_model
 from engine.models.omni import placeholder_ids
-from engine.parallel.init import load_full_state_
-from launch import ROOT
+from omni_datasets.omni_digits import evaluate as ev
+from omni_datasets.omni_digits import source as digits_source
+from omni_datasets.omni_digits.build import (BuildOptions, ManifestError, MissingToolError, SampleError, ensure_espeak,
+                                             ensure_omni_digits, load_split, parse_wav, read_manifest)
+from omni_datasets.omni_digits.source import OmniDigitsData, parse_digits
+from omni_datasets.omni_digits.vq_tokenizer import ensure_vq_tokenizer, prepare
 
 
 def _espeak_available() -> bool:
@@ -188,17 +188,15 @@ def test_data_strict_config_key_reaches_the_source(cfg, dataset, monkeypatch):
 
     import engine.data.sources as sources
 
-    monkeypatch.setattr(sources, "build_text_dataset", lambda *a: (SimpleNamespace(tokens=TEXT), CharTokenizer()))
-    with torch.device("meta"):
-        model = build_model(cfg.model)
+    monkeypatch.setattr(digits_source, "text_stream", lambda cfg: (SimpleNamespace(tokens=TEXT), CharTokenizer()))
     short = copy_module.deepcopy(cfg)
     short.data.seq_len = 30  # "draw the digit 7:" + 16 image codes = 33 tokens
-    data, _ = sources.build_train_data(short, model)
+    data = sources.build_train_data(short)  # no model: the parts' shapes come from the config
     assert not data.skipped.strict
-    assert sum(n for why, n in data.skipped.counts.items() if "longer than data.seq_len" in why) > 0
+    assert sum(n for why, n in data.skipped_counts().items() if "longer than data.seq_len" in why) > 0
     short.data.strict = True
     with pytest.raises(SampleError, match=r"\.jsonl:\d+: .*longer than data\.seq_len"):
-        sources.build_train_data(short, model)
+        sources.build_train_data(short)
 
 
 def test_micro_batches_identical_across_dp_layouts(cfg, dataset):
@@ -229,15 +227,15 @@ def test_padding_waste_is_reported_and_small(cfg, dataset):
     for step in range(5):
         for b in data.micro_batches(step, 4, 0, 1, 2):
             rows, seq = b["input_ids"].shape
-            assert int(b["padding_tokens"]) + int(b["real_tokens"]) == rows * seq
             pad_doc = b["doc_ids"] == b["doc_ids"].max(dim=1, keepdim=True).values
             assert int(b["padding_tokens"]) <= rows  # at most one padding token per row
             assert int(b["padding_tokens"]) == int((pad_doc & (b["input_ids"] == 0) & (b["labels"] == -100)).sum())
-            pads, real = pads + int(b["padding_tokens"]), real + int(b["real_tokens"])
+            pads, real = pads + int(b["padding_tokens"]), real + rows * seq - int(b["padding_tokens"])
     assert pads / (pads + real) <= 0.02
     no_fill = make_source(cfg, dataset, fill_text=False)
     b = no_fill.micro_batches(0, 4, 0, 1, 4)[0]
-    assert int(b["padding_tokens"]) + int(b["real_tokens"]) == 4 * 64
+    pad_doc = b["doc_ids"] == b["doc_ids"].max(dim=1, keepdim=True).values
+    assert int(b["padding_tokens"]) == int((pad_doc & (b["input_ids"] == 0)).sum()) > 4
 
 
 def test_tasks_and_answers(cfg, dataset):
@@ -257,24 +255,32 @@ def test_tasks_and_answers(cfg, dataset):
     assert parse_digits(" 3 5 1") == [3, 5, 1]
 
 
-def test_vq_tokenizer_cached_and_loaded(cfg, dataset):
+def test_vq_tokenizer_cached_and_loaded_through_init_from(cfg, dataset, monkeypatch):
+    """The prepare step trains the VQ tokenizer once, caches it, and names it as the
+    decoder's init_from; the decoder's own loader reads it (no data source writes weights)."""
+    from safetensors.torch import load_file
+
     spec = cfg.model.decoders[0]
     path = ensure_vq_tokenizer(dataset, spec, train={"steps": 2, "batch_size": 4})
     assert path.is_file() and ensure_vq_tokenizer(dataset, spec, train={"steps": 2, "batch_size": 4}) == path
-    state = torch.load(path, weights_only=True)["vqmodel"]
+    state = load_file(str(path))
+    assert state and all(k.startswith("vqmodel.") for k in state)
     model = build_model(cfg.model)
-    vq = model.decoders["image_vq"].vqmodel
-    load_full_state_(vq, state, "decoders.image_vq.vqmodel")
-    assert all(torch.equal(p, state[n]) for n, p in vq.named_parameters())
-    with pytest.raises(ValueError, match="does not match"):
-        load_full_state_(vq, {k: v for k, v in list(state.items())[1:]}, "vq")
+    loaded = model.decoders["image_vq"].load_hf_weights(path)
+    vq = model.decoders["image_vq"]
+    assert sorted(loaded) == sorted(state) and all(torch.equal(vq.get_parameter(k), state[k]) for k in loaded
+                                                   if k in dict(vq.named_parameters()))
+    from engine.data import prepare_data
+    from omni_datasets.omni_digits import vq_tokenizer
+
+    monkeypatch.setattr(vq_tokenizer, "VQ_TRAIN", {**vq_tokenizer.VQ_TRAIN, "steps": 2, "batch_size": 4})
+    assert prepare(cfg) == {"image_vq": str(path)}  # cached: the file above
+    prepared = prepare_data(cfg)  # the trainer's first stage: the path becomes the decoder's init_from
+    assert prepared.model.decoders[0]["init_from"] == str(path) and "init_from" not in cfg.model.decoders[0]
 
 
 def test_eval_embeddings_match_the_model_forward(cfg, dataset):
-    """tools/eval_omni.py builds the inputs as OmniModel.forward does: same text loss."""
-    spec = importlib.util.spec_from_file_location("eval_omni", ROOT / "tools" / "eval_omni.py")
-    ev = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ev)
+    """The evaluation tool builds the inputs as OmniModel.forward does: same text loss."""
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     data = make_source(cfg, dataset, model=model)
@@ -297,7 +303,7 @@ def test_eval_embeddings_match_the_model_forward(cfg, dataset):
 def test_packed_and_padded_batches_give_the_same_loss(cfg, dataset):
     """The same samples (every task, audio included), packed several to a row or one per
     padded row: the same LM and image-decoder loss sums and target counts (fp32)."""
-    from engine.data.omni_packing import pack_rows
+    from engine.data import pack_rows
 
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
@@ -312,7 +318,10 @@ def test_packed_and_padded_batches_give_the_same_loss(cfg, dataset):
         return pack_rows(groups, cfg.data.seq_len, 0, data.ph, data.decoders, data.parts)
 
     packed, padded = pack(rows), pack([[s] for s in samples])
-    assert int(packed["real_tokens"]) == int(padded["real_tokens"])
+    def real(b):
+        return b["input_ids"].numel() - int(b["padding_tokens"])
+
+    assert real(packed) == real(padded)
     assert padded["input_ids"].shape[0] == len(samples) > packed["input_ids"].shape[0]
     assert model.target_counts(packed) == model.target_counts(padded)
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """The default omni run, shortened: `pretrain_omni.py` with no --config on omni-digits,
-then tools/eval_omni.py on the held-out split. Proves learning, not just running."""
+then the omni-digits evaluation tool on the held-out split. Proves learning, not just running."""
 
 import json
 import subprocess
@@ -29,7 +29,7 @@ def test_short_default_run_learns_every_task(tmp_path):
     assert records[-1]["data_skipped"] == {}
     assert (tmp_path / "checkpoints" / f"step_{STEPS:08d}" / "COMPLETE").is_file()
 
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_omni.py"), str(tmp_path), "--samples", "0"],
+    proc = subprocess.run([sys.executable, "-m", "omni_datasets.omni_digits.evaluate", str(tmp_path), "--samples", "0"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     scores = json.loads((tmp_path / "eval.json").read_text())

@@ -14,9 +14,10 @@ from typing import Callable
 
 import torch
 
+from engine.batch import IGNORE_INDEX, Batch
 from engine.models.omni import placeholder_layout
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # short name for sample builders
 
 
 @dataclass
@@ -30,7 +31,7 @@ class OmniSample:
 
 
 def pack_rows(samples: list[list[OmniSample]], seq_len: int, pad_id: int, ph: dict[str, int],
-              decoders: list[str], parts: dict) -> dict:
+              decoders: list[str], parts: dict) -> Batch:
     """One micro-batch from rows of samples: tensors [rows, seq_len] + collated payloads.
 
     `parts` maps a part name to its class (for `collate`). Raises ValueError when a
@@ -63,16 +64,15 @@ def pack_rows(samples: list[list[OmniSample]], seq_len: int, pad_id: int, ph: di
         expected = sum(part.num_tokens(p) for p in payloads.get(name, []))
         if found != expected:
             raise ValueError(f"part {name!r}: {found} placeholder tokens but its payloads need {expected}")
-    batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "doc_ids": doc,
-             **placeholder_layout(ids, doc, ph, decoders),
-             "payloads": {name: type(parts[name]).collate(items) for name, items in payloads.items() if items},
-             "real_tokens": torch.tensor(real_tokens), "padding_tokens": torch.tensor(rows * seq_len - real_tokens)}
-    return batch
+    return Batch(input_ids=ids, labels=labels, position_ids=pos, doc_ids=doc,
+                 **placeholder_layout(ids, doc, ph, decoders),
+                 payloads={name: type(parts[name]).collate(items) for name, items in payloads.items() if items},
+                 padding_tokens=rows * seq_len - real_tokens)
 
 
 def micro_batches_of_rows(row: Callable[[int, int], list[OmniSample]], step: int, global_batch_size: int,
                           dp_rank: int, dp_size: int, micro_batch_size: int, seq_len: int, pad_id: int,
-                          ph: dict[str, int], decoders: list[str], parts: dict) -> list[dict]:
+                          ph: dict[str, int], decoders: list[str], parts: dict) -> list[Batch]:
     """This dp rank's packed micro-batches of `step`, where `row(step, r)` gives the samples
     of global row r: the global batch depends only on (step, row), never on the layout."""
     per_rank = global_batch_size // dp_size

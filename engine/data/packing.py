@@ -30,9 +30,9 @@ from engine.ops.attention import cu_seqlens_from_doc_ids  # noqa: F401  (re-expo
 
 from engine.data.cache import build_once
 from engine.data.corpus import load_documents
+from engine.batch import IGNORE_INDEX, Batch
 from engine.data.tokenizer import Tokenizer
 
-IGNORE_INDEX = -100
 
 
 # ------------------------------------------------------------------ token cache
@@ -161,12 +161,12 @@ def micro_batches(
     dp_rank: int,
     dp_size: int,
     micro_batch_size: int,
-) -> list[dict[str, torch.Tensor]]:
+) -> list[Batch]:
     """This data-parallel rank's micro-batches for optimizer step ``step``.
 
     The rank takes the contiguous slice ``[dp_rank*n, (dp_rank+1)*n)`` of the global
     batch (``n = global_batch_size // dp_size``) and cuts it into micro-batches of
-    ``micro_batch_size``; each is a dict of ``torch.long`` tensors ``[micro, seq_len]``.
+    ``micro_batch_size``; each a `Batch` of ``torch.long`` tensors ``[micro, seq_len]``.
     Concatenating all ranks' micro-batches in rank order gives the global batch.
     """
     assert global_batch_size % dp_size == 0, "global batch must split evenly over dp ranks"
@@ -178,5 +178,6 @@ def micro_batches(
     batches = []
     for lo in range(0, per_rank, micro_batch_size):
         samples = [dataset[i] for i in mine[lo : lo + micro_batch_size]]
-        batches.append({key: torch.from_numpy(np.stack([s[key] for s in samples])).long() for key in samples[0]})
+        batches.append(Batch(**{key: torch.from_numpy(np.stack([s[key] for s in samples])).long()
+                                for key in samples[0]}))
     return batches

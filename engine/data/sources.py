@@ -1,44 +1,70 @@
-"""Pick the training data source for a config: packed text, or an omni stream."""
+"""The data stages of the build: `prepare_data(cfg)` then `build_train_data(cfg)`, and the
+built-in datasets (`shakespeare` text, `synthetic_omni`). Neither stage sees the model."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import logging
 
-import torch.nn as nn
+import numpy as np
 
 from engine.config import Config, ConfigError, expand_path
+from engine.models.omni import PartLayout, part_layout, text_vocab_size
+from engine.plugins import load_plugins
 
 from .packing import PackedTextDataset, micro_batches
+from .source import DataSource, DatasetEntry, get_dataset, register_dataset
+from .synthetic_omni import SyntheticOmniData
 from .text_dataset import build_text_dataset
-from .tokenizer import Tokenizer, VocabularyUnreachableError
+from .tokenizer import VocabularyUnreachableError
 
-OMNI_DATASETS = ("synthetic_omni", "omni_digits")
-
-
-@dataclass
-class TextData:
-    dataset: PackedTextDataset
-
-    def micro_batches(self, step, global_batch_size, dp_rank, dp_size, micro_batch_size) -> list[dict]:
-        return micro_batches(self.dataset, step, global_batch_size, dp_rank, dp_size, micro_batch_size)
+log = logging.getLogger(__name__)
 
 
-def build_train_data(cfg: Config, model: nn.Module) -> tuple[object, Tokenizer]:
-    """`model` may be on the meta device: omni sources only use its parts' shape logic."""
-    from engine.models.omni import OmniModel, placeholder_ids, text_vocab_size
+def _entry(cfg: Config) -> DatasetEntry:
+    try:
+        load_plugins(cfg.data.plugins, "data.plugins")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    entry = get_dataset(cfg.data.dataset)
+    has_parts = bool(cfg.model.encoders or cfg.model.decoders)
+    if has_parts and not entry.modalities:
+        raise ConfigError(f"config key 'data.dataset'={entry.name!r} has no modality payloads for a model with "
+                          "encoders/decoders; use a dataset registered with modalities=True (e.g. synthetic_omni)")
+    if entry.modalities and not has_parts:
+        raise ConfigError(f"config key 'data.dataset'={entry.name!r} feeds model parts, but the model has no "
+                          "encoders/decoders; add them, or use a text dataset such as shakespeare")
+    return entry
 
-    omni = isinstance(model, OmniModel)
-    name = cfg.data.dataset
-    if omni and name not in OMNI_DATASETS:
-        raise ConfigError(f"config key 'data.dataset'={name!r} has no modality payloads for an omni model; "
-                          f"use one of {', '.join(OMNI_DATASETS)}")
-    if not omni and name != "shakespeare":
-        raise ConfigError(f"config key 'data.dataset'={name!r} needs model.encoders/decoders; use shakespeare "
-                          "for a text-only model")
+
+def prepare_data(cfg: Config) -> Config:
+    """Run the dataset's prepare step (its files; weights it makes for parts) and return the
+    config with those weights set as the parts' `init_from` where the config leaves it unset."""
+    entry = _entry(cfg)
+    made = entry.prepare(cfg) if entry.prepare else {}
+    if not made:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    for spec in [*cfg.model.encoders, *cfg.model.decoders]:
+        path = made.get(spec["name"])
+        if path and not spec.get("init_from"):
+            spec["init_from"] = str(path)
+            log.info("part %s: init_from=%s (prepared by data.dataset=%s)", spec["name"], path, entry.name)
+    return cfg
+
+
+def build_train_data(cfg: Config) -> DataSource:
+    entry = _entry(cfg)
+    return entry.build(cfg, part_layout(cfg.model) if entry.modalities else None)
+
+
+def text_stream(cfg: Config) -> tuple[PackedTextDataset, object]:
+    """The Shakespeare token stream and the text tokenizer (`data.tokenizer`, sized to the
+    model's text ids), as every built-in dataset uses them; for plugins too."""
     n_text = text_vocab_size(cfg.model)
     try:
-        text, tokenizer = build_text_dataset(expand_path(cfg.data.cache_dir), n_text, cfg.data.seq_len,
-                                             cfg.train.seed, cfg.data.tokenizer)
+        return build_text_dataset(expand_path(cfg.data.cache_dir), n_text, cfg.data.seq_len, cfg.train.seed,
+                                  cfg.data.tokenizer)
     except VocabularyUnreachableError as e:
         parts = f" less {cfg.model.vocab_size - n_text} placeholder ids" if n_text != cfg.model.vocab_size else ""
         if n_text < 260:
@@ -49,14 +75,29 @@ def build_train_data(cfg: Config, model: nn.Module) -> tuple[object, Tokenizer]:
             fix = "lower model.vocab_size"
         raise ConfigError(f"config key 'model.vocab_size'={cfg.model.vocab_size}{parts} asks for a {n_text}-id "
                           f"data.tokenizer={cfg.data.tokenizer}, which the corpus cannot give ({e}); {fix}") from None
-    if not omni:
-        return TextData(text), tokenizer
-    if name == "omni_digits":  # real digits: images, speech, videos, drawing (engine/data/omni_digits.py)
-        from .omni_digits_source import build_omni_digits_data
 
-        return build_omni_digits_data(cfg, model, tokenizer, text.tokens, strict=cfg.data.strict), tokenizer
-    from .synthetic_omni import SyntheticOmniData
 
-    parts = {**dict(model.encoders.items()), **dict(model.decoders.items())}
-    return SyntheticOmniData(text.tokens, parts, placeholder_ids(cfg.model), list(model.decoders), cfg.data.seq_len,
-                             cfg.train.seed, pad_id=tokenizer.pad_id), tokenizer
+# ---- built-in datasets -------------------------------------------------------------------
+class TextData:
+    """Packed windows of the Shakespeare stream (documents masked at their boundaries)."""
+
+    def __init__(self, dataset: PackedTextDataset, tokenizer):
+        self.dataset, self.tokenizer = dataset, tokenizer
+
+    def micro_batches(self, step, global_batch_size, dp_rank, dp_size, micro_batch_size):
+        return micro_batches(self.dataset, step, global_batch_size, dp_rank, dp_size, micro_batch_size)
+
+    def skipped_counts(self) -> dict[str, int]:
+        return {}
+
+
+@register_dataset("shakespeare", modalities=False)
+def build_shakespeare(cfg: Config, parts: None) -> TextData:
+    return TextData(*text_stream(cfg))
+
+
+@register_dataset("synthetic_omni", modalities=True)
+def build_synthetic_omni(cfg: Config, parts: PartLayout) -> SyntheticOmniData:
+    text, tokenizer = text_stream(cfg)
+    return SyntheticOmniData(np.asarray(text.tokens), parts.parts, parts.placeholders, parts.decoders,
+                             cfg.data.seq_len, cfg.train.seed, tokenizer)

@@ -22,9 +22,13 @@ def randomize(payload: dict[str, torch.Tensor], gen: torch.Generator) -> dict[st
 
 class SyntheticOmniData:
     def __init__(self, tokens: np.ndarray, parts: dict, ph: dict[str, int], decoders: list[str], seq_len: int,
-                 seed: int, pad_id: int = 0):
+                 seed: int, tokenizer=None):
         self.tokens, self.parts, self.ph, self.decoders = tokens, parts, ph, decoders
-        self.seq_len, self.seed, self.pad_id = seq_len, seed, pad_id
+        self.seq_len, self.seed, self.tokenizer = seq_len, seed, tokenizer
+        self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
+
+    def skipped_counts(self) -> dict[str, int]:
+        return {}
 
     def _text(self, rng, n: int) -> list[int]:
         start = int(rng.integers(0, len(self.tokens) - n))

@@ -40,6 +40,7 @@ import sentencepiece as spm
 
 from engine.data.cache import build_once
 from engine.data.corpus import load_documents
+from engine.data.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -249,3 +250,62 @@ class JsonTokenizer:
 
     def __repr__(self) -> str:
         return f"JsonTokenizer(vocab_size={self.vocab_size}, path={self.path})"
+
+
+class TokenizerError(DataError):
+    """A tokenizer file that cannot be used; one line with the fix."""
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece `.model` that lacks some special ids (e.g. Llama 2's, no pad)."""
+
+    def __init__(self, path: Path):
+        import sentencepiece as spm
+
+        self.path, self._sp = path, spm.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size: int = self._sp.get_piece_size()
+        ids = (self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id(), self._sp.unk_id())
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = (i if i >= 0 else None for i in ids)
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts, num_threads: int = 2) -> list[list[int]]:
+        return self._sp.encode(list(texts), num_threads=num_threads)
+
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+def load_tokenizer(path: str | Path):
+    """A tokenizer from `tokenizer.json`, a sentencepiece `.model`, or a folder holding either.
+
+    Returns an object with `encode`, `decode`, `vocab_size`, `bos_id`, `eos_id`, `pad_id`
+    (engine.data's `Tokenizer` for our own sentencepiece models).
+    """
+    path = Path(path)
+    if path.is_dir():
+        models = sorted(path.glob("*.model"))
+        choice = path / "tokenizer.json" if (path / "tokenizer.json").is_file() else \
+            path / "tokenizer.model" if (path / "tokenizer.model").is_file() else models[0] if models else None
+        if choice is None:
+            raise TokenizerError(f"{path} has no tokenizer.json or sentencepiece .model file: pass the tokenizer "
+                                    "file itself, or a folder that holds one")
+        path = choice
+    if not path.is_file():
+        raise TokenizerError(f"tokenizer {path} does not exist: pass a tokenizer.json, a sentencepiece .model, "
+                                "or a folder holding one")
+    if path.suffix == ".json":
+        try:
+            return JsonTokenizer(path)
+        except Exception as e:  # tokenizers raises its own Exception type for bad files
+            raise TokenizerError(f"{path} is not a valid tokenizer.json ({str(e).splitlines()[0][:120]}): pass "
+                                    "the tokenizer.json that transformers or tokenizers saved") from None
+    if path.suffix != ".model":
+        raise TokenizerError(f"tokenizer {path} is neither tokenizer.json nor a sentencepiece .model: pass one of them")
+    try:
+        return Tokenizer.from_file(path)
+    except ValueError as e:
+        if "lacks a bos, eos or pad id" not in str(e):
+            raise TokenizerError(str(e)) from None
+        return SentencePieceTokenizer(path)

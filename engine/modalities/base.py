@@ -80,6 +80,9 @@ class Decoder(nn.Module):
     def num_tokens(self, target: dict[str, torch.Tensor]) -> int:
         raise NotImplementedError
 
+    def set_hidden_in(self, hidden: int) -> None:
+        """The backbone's width, given before weights exist (for a head over its hidden states)."""
+
     def dummy_payload(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

@@ -8,8 +8,13 @@ import torch.nn as nn
 
 from engine.config import ModelConfig
 
+from .contract import TrainableModel
 from .dense import DenseTransformer
 from .moe import MoETransformer
+from .omni import RESERVED_KEYS, OmniModel, PartLayout, part_layout, placeholder_ids, text_vocab_size
+
+__all__ = ["BACKBONES", "RESERVED_KEYS", "DenseTransformer", "MoETransformer", "OmniModel", "PartLayout",
+           "TrainableModel", "build_backbone", "build_model", "part_layout", "placeholder_ids", "text_vocab_size"]
 
 BACKBONES: dict[str, Callable[[ModelConfig], nn.Module]] = {"dense": DenseTransformer, "moe": MoETransformer}
 
@@ -19,9 +24,9 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     backbone = build_backbone(cfg)
     if not (cfg.encoders or cfg.decoders):
         return backbone
-    from .omni import OmniModel, load_plugins
+    from engine.plugins import load_plugins
 
-    load_plugins(cfg.plugins)
+    load_plugins(cfg.plugins, "model.plugins")
     return OmniModel(cfg, backbone)
 
 

@@ -1,6 +1,8 @@
 """Dense decoder-only transformer covering Llama, Qwen2 and Qwen3.
 
-Readable top to bottom; no parallelism here. Hooks for the parallel layer:
+Readable top to bottom; no parallelism here. The training contract (engine/models/contract.py):
+`loss_sums(batch)`, `target_counts(batch)`, `loss_weights`, `moe_layers()`. Hooks for the
+parallel layer:
 - `Attention.attention_fn` on every block (Ulysses wraps it),
 - `blocks` is a ModuleDict so FSDP / activation checkpointing wrap each block by name,
 - `init_param_(name, tensor, generator)` fills any parameter deterministically from its
@@ -15,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.batch import IGNORE_INDEX, Batch
 from engine.config import ModelConfig
 from engine.ops.attention import AttentionFn, AttentionMeta
 
@@ -69,6 +72,30 @@ class DenseTransformer(nn.Module):
     def reset_buffers(self) -> None:
         self.rotary.reset_buffers()
 
+    def moe_layers(self) -> dict[str, nn.Module]:
+        """MoE layers by module path (none in a dense model)."""
+        return {}
+
+    def parts(self) -> dict[str, nn.Module]:
+        """Encoders and decoders by name (none in a bare backbone)."""
+        return {}
+
+    # ---- the training contract ---------------------------------------------------------
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        return {"lm": 1.0}
+
+    def target_counts(self, batch: Batch) -> dict[str, int]:
+        """Targets of each loss in this (local) batch, known before the forward pass."""
+        return {"lm": int((batch.labels != IGNORE_INDEX).sum())}
+
+    def loss_sums(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """{"lm": summed cross-entropy over the batch's targets} (fp32). Calls `forward`
+        directly: the parallel layer registers `loss_sums` itself as the FSDP entry point."""
+        logits = self.forward(batch.input_ids, batch.position_ids, batch.doc_ids, attn_meta=batch.attn_meta,
+                              token_mask=batch.token_mask)
+        return {"lm": token_loss_sum(logits, batch.labels)}
+
     # ---- forward -----------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -105,3 +132,8 @@ class DenseTransformer(nn.Module):
         if c.tie_embeddings:
             dense += c.vocab_size * c.hidden_size
         return 6 * dense + 12 * c.num_layers * c.num_heads * self.head_dim * seq_len
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum (not mean) of cross-entropy over target tokens, computed in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")

@@ -143,3 +143,11 @@ class MoETransformer(DenseTransformer):
         losses = [m.aux_loss for m in self.moe_layers().values() if m.aux_loss is not None]
         return torch.stack(losses).sum() if losses else torch.zeros(())
 
+    def loss_sums(self, batch) -> dict[str, torch.Tensor]:
+        """The dense model's losses plus `aux_loss`: this rank's share of the load-balancing
+        (and z-) loss of the forward just run, a term without target count (see contract)."""
+        sums = super().loss_sums(batch)
+        if self.training:
+            sums["aux_loss"] = self.aux_loss()
+        return sums
+

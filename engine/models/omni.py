@@ -16,41 +16,20 @@ encoder's output it needs without ever holding the full-length embedding sequenc
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
-import sys
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.batch import IGNORE_INDEX, Batch
 from engine.config import ModelConfig
 from engine.modalities import call_part, get_decoder, get_encoder
+from engine.plugins import load_plugins
 
 RESERVED_KEYS = ("name", "freeze", "init_from", "recipe", "loss_weight", "activation_checkpointing")
-
-
-def load_plugins(paths: list[str]) -> None:
-    """Import user modules (file paths or dotted names) so their parts register themselves."""
-    for item in paths:
-        path = Path(item)
-        if item.endswith(".py"):
-            if not path.is_file():
-                raise ValueError(f"model.plugins: file {item!r} does not exist; give a path to a .py file or a module")
-            name = f"omni_plugin_{path.stem}"
-            if name not in sys.modules:
-                spec = importlib.util.spec_from_file_location(name, path)
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[name] = module
-                spec.loader.exec_module(module)
-        else:
-            try:
-                importlib.import_module(item)
-            except ImportError as e:
-                raise ValueError(f"model.plugins: cannot import {item!r} ({e}); check the module name") from None
 
 
 def part_specs(cfg: ModelConfig) -> list[tuple[str, int, dict]]:
@@ -68,6 +47,32 @@ def placeholder_ids(cfg: ModelConfig) -> dict[str, int]:
 def text_vocab_size(cfg: ModelConfig) -> int:
     """Ids available to the text tokenizer."""
     return cfg.vocab_size - len(part_specs(cfg))
+
+
+@dataclass
+class PartLayout:
+    """What a data source needs to know of a model's parts, without the model: each part
+    built from its spec on the meta device (shape logic such as `num_tokens`, `patchify`
+    and `dummy_payload`; no weights), its placeholder id, and which parts are decoders."""
+
+    parts: dict[str, nn.Module]
+    placeholders: dict[str, int]
+    decoders: list[str]
+    text_vocab_size: int
+
+
+def part_layout(cfg: ModelConfig) -> PartLayout:
+    """The PartLayout of `cfg` (imports `model.plugins` first, as `build_model` does)."""
+    load_plugins(cfg.plugins, "model.plugins")
+    parts = {}
+    with torch.device("meta"):
+        for kind, i, spec in part_specs(cfg):
+            part = build_part(kind, i, spec)
+            if kind == "decoders":
+                part.set_hidden_in(cfg.hidden_size)
+            parts[spec["name"]] = part
+    decoders = [spec["name"] for kind, _, spec in part_specs(cfg) if kind == "decoders"]
+    return PartLayout(parts, placeholder_ids(cfg), decoders, text_vocab_size(cfg))
 
 
 def build_part(kind: str, index: int, spec: dict) -> nn.Module:
@@ -111,7 +116,7 @@ class OmniModel(nn.Module):
         hidden = cfg.hidden_size
         self.encoders, self.encoder_proj = nn.ModuleDict(), nn.ModuleDict()
         self.decoders, self.decoder_proj = nn.ModuleDict(), nn.ModuleDict()
-        self.loss_weights: dict[str, float] = {}
+        self.decoder_loss_weights: dict[str, float] = {}
         self.specs: dict[str, dict] = {}
         self._where: dict[str, tuple[str, int]] = {}
         for kind, i, spec in part_specs(cfg):
@@ -124,11 +129,10 @@ class OmniModel(nn.Module):
                 self.encoders[name] = part
                 self.encoder_proj[name] = nn.Linear(part.out_dim, hidden)
             else:
-                if hasattr(part, "set_hidden_in"):
-                    part.set_hidden_in(hidden)
+                part.set_hidden_in(hidden)
                 self.decoders[name] = part
                 self.decoder_proj[name] = nn.Linear(part.embed_dim, hidden)
-                self.loss_weights[name] = float(spec.get("loss_weight", 1.0))
+                self.decoder_loss_weights[name] = float(spec.get("loss_weight", 1.0))
             if spec.get("freeze"):
                 part.requires_grad_(False)
         self.ph = placeholder_ids(cfg)
@@ -136,13 +140,16 @@ class OmniModel(nn.Module):
     def part(self, name: str) -> nn.Module:
         return self.encoders[name] if name in self.encoders else self.decoders[name]
 
+    def parts(self) -> dict[str, nn.Module]:
+        return {**dict(self.encoders.items()), **dict(self.decoders.items())}
+
     def build_unsharded_part(self, name: str) -> nn.Module:
         """A new copy of part `name` as the config describes it, on the current device, with
         nothing of the parallel layer's wrapping: the trainer loads `init_from` weights into
         it with the part's own loader, then copies them into the (sharded) part."""
         kind, i = self._where[name]
         part = build_part(kind, i, self.specs[name])
-        if hasattr(part, "set_hidden_in"):
+        if kind == "decoders":
             part.set_hidden_in(self.cfg.hidden_size)
         return part
 
@@ -158,10 +165,7 @@ class OmniModel(nn.Module):
         self.backbone.set_attention_fn(fn)
 
     def moe_layers(self) -> dict:
-        return self.backbone.moe_layers() if hasattr(self.backbone, "moe_layers") else {}
-
-    def aux_loss(self) -> torch.Tensor:
-        return self.backbone.aux_loss()
+        return self.backbone.moe_layers()
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.backbone.flops_per_token(seq_len)
@@ -182,21 +186,33 @@ class OmniModel(nn.Module):
         self.backbone.reset_buffers()
 
     # ---- forward -----------------------------------------------------------------------
-    def layout(self, batch: dict) -> dict:
-        if "ph_index" in batch:
+    def layout(self, batch: Batch) -> Batch:
+        if batch.ph_index is not None:
             return batch
-        return {**batch, **placeholder_layout(batch["input_ids"], batch.get("doc_ids"), self.ph, list(self.decoders))}
+        return batch.replace(**placeholder_layout(batch.input_ids, batch.doc_ids, self.ph, list(self.decoders)))
 
-    def target_counts(self, batch: dict) -> dict[str, int]:
+    # ---- the training contract ---------------------------------------------------------
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        return {"lm": 1.0, **self.decoder_loss_weights}
+
+    def target_counts(self, batch: Batch) -> dict[str, int]:
         """Targets of each loss in this (local) batch: known before the forward pass."""
         batch = self.layout(batch)
-        counts = {"lm": int(self._text_targets(batch["labels"]).sum())}
+        counts = {"lm": int(self._text_targets(batch.labels).sum())}
         for j, name in enumerate(self.decoders):
-            counts[name] = int((batch["dec_next_part"] == j).sum())
+            counts[name] = int((batch.dec_next_part == j).sum())
         return counts
 
+    def loss_sums(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """`forward`'s sums, plus the backbone's `aux_loss` when it has MoE layers."""
+        sums = self.forward(batch)
+        if self.training and self.moe_layers():
+            sums["aux_loss"] = self.backbone.aux_loss()
+        return sums
+
     def _text_targets(self, labels: torch.Tensor) -> torch.Tensor:
-        mask = labels != -100
+        mask = labels != IGNORE_INDEX
         for pid in self.ph.values():  # a placeholder is never a text target
             mask &= labels != pid
         return mask
@@ -223,32 +239,31 @@ class OmniModel(nn.Module):
             self._check_count(name, int((ids == self.ph[name]).sum()), part.num_tokens(payload))
         return payload, True
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Sums of cross-entropy per loss ("lm" and each decoder's name) over this batch."""
         batch = self.layout(batch)
-        ids = batch["input_ids"]
-        payloads = batch.get("payloads", {})
-        full_sequence = "attn_meta" not in batch  # a Ulysses shard cannot check global counts
+        ids = batch.input_ids
+        payloads = batch.payloads
+        full_sequence = batch.attn_meta is None  # a Ulysses shard cannot check global counts
         emb = self.backbone.embed(ids)
         for name, enc in self.encoders.items():
             payload, real = self._payload(name, enc, payloads, ids, full_sequence)
             rows = self.encoder_proj[name](call_part(enc, "lm_encode", payload))
-            emb = self._place(emb, ids, self.ph[name], batch["ph_index"], rows, name, real)
+            emb = self._place(emb, ids, self.ph[name], batch.ph_index, rows, name, real)
         codes = {}
         for name, dec in self.decoders.items():
             target, real = self._payload(name, dec, payloads, ids, full_sequence)
             dec_emb, codes[name] = dec.lm_encode(target)
             rows = self.decoder_proj[name](dec_emb)
-            emb = self._place(emb, ids, self.ph[name], batch["ph_index"], rows, name, real)
-        hidden = self.backbone(position_ids=batch["position_ids"], doc_ids=batch.get("doc_ids"), inputs_embeds=emb,
-                               attn_meta=batch.get("attn_meta"), return_hidden=True,
-                               token_mask=batch.get("token_mask"))
-        text = self._text_targets(batch["labels"])
+            emb = self._place(emb, ids, self.ph[name], batch.ph_index, rows, name, real)
+        hidden = self.backbone(position_ids=batch.position_ids, doc_ids=batch.doc_ids, inputs_embeds=emb,
+                               attn_meta=batch.attn_meta, return_hidden=True, token_mask=batch.token_mask)
+        text = self._text_targets(batch.labels)
         logits = self.backbone.logits(hidden[text])
-        sums = {"lm": F.cross_entropy(logits.float(), batch["labels"][text], reduction="sum")}
+        sums = {"lm": F.cross_entropy(logits.float(), batch.labels[text], reduction="sum")}
         for j, (name, dec) in enumerate(self.decoders.items()):
-            sel = batch["dec_next_part"] == j
-            labels = codes[name][batch["dec_next_index"][sel]]
+            sel = batch.dec_next_part == j
+            labels = codes[name][batch.dec_next_index[sel]]
             sums[name] = dec.lm_head(hidden[sel], labels)[0]
         return sums
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -48,6 +48,8 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleDict, mesh: DeviceMesh, dtype:
         last = name == list(blocks.keys())[-1]
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=not last)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    # the trainer enters the model through loss_sums (the model contract), not __call__
+    register_fsdp_forward_method(model, "loss_sums")
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

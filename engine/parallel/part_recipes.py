@@ -26,12 +26,13 @@ RECIPES = ("fsdp", "replicate")
 def part_recipes(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     """(parts to shard as their own units, parts to keep replicated)."""
     units, replicated = [], []
-    for name, part in getattr(model, "encoders", {}).items():
+    for name, part in model.parts().items():
         recipe = model.specs[name].get("recipe", "fsdp")
         if recipe not in RECIPES:
             raise ValueError(f"part {name!r}: recipe {recipe!r} is unknown; use one of {', '.join(RECIPES)}")
+        if name in model.decoders:
+            if recipe != "fsdp":
+                raise ValueError(f"part {name!r}: decoders support only recipe fsdp (they run in the root FSDP unit)")
+            continue
         (units if recipe == "fsdp" else replicated).append(part)
-    for name in getattr(model, "decoders", {}):
-        if model.specs[name].get("recipe", "fsdp") != "fsdp":
-            raise ValueError(f"part {name!r}: decoders support only recipe fsdp (they run in the root FSDP unit)")
     return units, replicated

@@ -29,7 +29,7 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshe
     model.set_attention_fn(get_attention_fn(cfg.model.attention_backend, device_type))
     if meshes is not None and dims.sp > 1:
         apply_ulysses(model.attention_modules(), meshes.sp, cfg.parallel.sp_async)
-    moe_layers = model.moe_layers() if hasattr(model, "moe_layers") else {}
+    moe_layers = model.moe_layers()
     if meshes is not None and moe_layers:
         # every rank holds distinct tokens of the global batch: the default (world) group
         apply_router_stats_reduction(moe_layers, None, dims.world_size)

@@ -20,43 +20,43 @@ from __future__ import annotations
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
+from engine.batch import NEW_DOCUMENT, Batch
 from engine.comm import all_to_all, start_all_to_all
 from engine.ops.attention import AttentionMeta
 
 HEADS, SEQ = 1, 2  # dims of [B, H, S, D]
 
 
-# Padding values of the per-position [B, S] tensors a batch may carry.
-FILL = {"input_ids": 0, "labels": -100, "position_ids": 0, "ph_index": -1, "dec_next_index": -1, "dec_next_part": -1}
-
-
-def shard_batch(batch: dict, sp_rank: int, sp_size: int) -> dict:
+def shard_batch(batch: Batch, sp_rank: int, sp_size: int) -> Batch:
     """Pad the packed rows to a multiple of sp_size and keep this rank's contiguous shard.
 
-    Padding tokens form their own document (so no real token attends to them) and have
-    label -100 (so they add nothing to the loss). RoPE positions stay those of the full
-    sequence. Every other [B, S] tensor (placeholder layout of omni batches) is sliced the
-    same way; payloads pass through whole. Adds `attn_meta` describing the full sequence.
+    Every per-position field the Batch declares is padded with its declared value and
+    sliced along its last (sequence) dimension, whatever its leading dimensions ([B, S]
+    ids, [3, B, S] multimodal positions). Padding forms its own document (no real token
+    attends to it) and carries the ignore label (no loss). RoPE positions stay those of the
+    full sequence. Payloads pass through whole. Sets `attn_meta` (the full sequence's
+    documents), `true_seq_len` and `token_mask` (False on padding).
     """
-    doc = batch["doc_ids"]
-    rows, seq = doc.shape
+    rows, seq = batch.input_ids.shape
     pad = (-seq) % sp_size
     local = (seq + pad) // sp_size
     cut = slice(sp_rank * local, (sp_rank + 1) * local)
-    if pad:
-        doc = torch.cat([doc, (doc.max(dim=1, keepdim=True).values + 1).expand(-1, pad)], dim=1)
-    out = dict(batch)
-    for key, value in batch.items():
-        if key == "doc_ids" or not (isinstance(value, torch.Tensor) and value.shape == (rows, seq)):
+    real = torch.arange(seq + pad, device=batch.input_ids.device) < seq
+    padded = {"token_mask": real.expand(rows, -1) if batch.token_mask is None else batch.token_mask}
+    for f in Batch.sequence_fields():
+        value = padded.get(f.name, getattr(batch, f.name))
+        if value is None:
             continue
-        assert key in FILL, f"no padding value for per-position tensor {key!r}"
-        if pad:
-            value = torch.cat([value, value.new_full((rows, pad), FILL[key])], dim=1)
-        out[key] = value[:, cut]
-    real = torch.arange(seq + pad, device=doc.device) < seq
-    out.update(doc_ids=doc[:, cut], attn_meta=AttentionMeta(doc_ids=doc), true_seq_len=seq,
-               token_mask=real[cut].expand(rows, -1))
-    return out
+        assert value.shape[-1] in (seq, seq + pad), f"{f.name}: last dim {value.shape[-1]} is not the sequence"
+        if pad and value.shape[-1] == seq:
+            if f.metadata["pad"] is NEW_DOCUMENT:
+                fill = (value.amax(dim=-1, keepdim=True) + 1).expand(*value.shape[:-1], pad)
+            else:
+                fill = value.new_full((*value.shape[:-1], pad), f.metadata["pad"])
+            value = torch.cat([value, fill], dim=-1)
+        padded[f.name] = value
+    sliced = {name: value[..., cut] for name, value in padded.items()}
+    return batch.replace(**sliced, attn_meta=AttentionMeta(doc_ids=padded["doc_ids"]), true_seq_len=seq)
 
 
 def check_heads(num_heads: int, num_kv_heads: int, sp: int) -> None:

@@ -10,14 +10,14 @@ Material:
   heard in training (each voice is, at other speeds / pitches / variants).
 
 Videos (2-4 digit images in a row) and text -> image prompts are composed from the
-images at batch time (see `omni_digits_source.py`), so they need no files of their own.
+images at batch time (see `source.py`), so they need no files of their own.
 
 On disk, under `<data.cache_dir>/omni_digits_v1/`:
     meta.json                       build options, statistics, build time
     train.jsonl, heldout.jsonl      one JSON object per sample (streamed line by line)
     images/NNNN.npy                 uint8 [8, 8], values 0..16 (scikit-learn's scale)
     audio/CCC_JJ.npy                int16 [samples] mono waveform at 16 kHz
-    vq/image_vq_<hash>.pt           VQ tokenizers pre-trained on the training images
+    vq/image_vq_<hash>.safetensors  VQ tokenizers pre-trained on the training images (vq_tokenizer.py)
 
 A manifest line is {"id", "kind": "image"|"audio", "file", "digits": [d, ...]} plus
 provenance (scikit-learn index; voice, variant, speed, pitch, text, seconds). A line that
@@ -50,8 +50,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from engine.data.cache import file_lock
-from engine.data.errors import DataError
+from engine.data import DataError, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +402,7 @@ def read_manifest(path: str | Path) -> Iterator[tuple[int, dict]]:
         f = open(path, encoding="utf-8")
     except OSError as e:
         raise ManifestError(f"omni_digits: cannot open manifest {path} ({e.strerror}); rebuild the dataset with "
-                            "tools/make_omni_digits.py") from None
+                            "python -m omni_datasets.omni_digits.make") from None
     with f:
         line_no = 0
         while True:
@@ -498,3 +497,14 @@ def wav_bytes(samples: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
         w.setframerate(rate)
         w.writeframes(np.asarray(samples, dtype=np.int16).tobytes())
     return buf.getvalue()
+
+
+def image_to_unit(data: np.ndarray, size: int):
+    """uint8 [8, 8] in 0..16 -> float tensor [size, size] in [0, 1] (bilinear resize)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.as_tensor(data.astype(np.float32) / IMAGE_MAX)
+    if size != data.shape[0]:
+        x = F.interpolate(x[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    return x

@@ -22,8 +22,9 @@ times), so a k-digit video has grid (k, h, w) and its pixel patches are the k im
 patches in a row (patchify's layout).
 
 The image_vq tokenizer must be trained on the training images before the language model
-learns its codes: `pretrained_states(model)` trains it once per decoder config (cached
-under the dataset's vq/ directory) and hands its weights to the trainer to copy in.
+learns its codes: the dataset's prepare step (`vq_tokenizer.prepare`) trains it once per
+decoder config, caches it under the dataset's vq/ directory, and names it as the decoder's
+`init_from`; this source never touches weights.
 """
 
 from __future__ import annotations
@@ -38,11 +39,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.data.cache import build_once
+from engine.config import Config, expand_path
+from engine.data import IGNORE_INDEX as IGNORE
+from engine.data import OmniSample, micro_batches_of_rows, register_dataset, text_stream
+from engine.models import PartLayout
 
-from .omni_digits import (DIGIT_WORDS, IMAGE_MAX, IMAGE_SIDE, SAMPLE_RATE, Item, SkipCounter, content_hash,
-                          ensure_omni_digits, load_split, read_meta)
-from .omni_packing import IGNORE, OmniSample, micro_batches_of_rows
+from .build import (DIGIT_WORDS, IMAGE_SIDE, SAMPLE_RATE, Item, SkipCounter, ensure_omni_digits, image_to_unit,
+                    read_meta, load_split)
+from .vq_tokenizer import prepare
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +84,6 @@ def parse_digits(text: str) -> list[int]:
     return out
 
 
-def image_to_unit(data: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 [8, 8] in 0..16 -> float [size, size] in [0, 1] (bilinear resize)."""
-    x = torch.as_tensor(data.astype(np.float32) / IMAGE_MAX)
-    if size != data.shape[0]:
-        x = F.interpolate(x[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
-    return x
-
-
 @dataclass
 class _Spec:
     """A drawn sample before its tensors are built (its length is known)."""
@@ -112,7 +108,6 @@ class OmniDigitsData:
         self.parts, self.ph, self.decoders = parts, ph, decoders
         self.seq_len, self.seed, self.split, self.fill_text = seq_len, seed, split, fill_text
         self.pad_id, self.eos_id = tokenizer.pad_id, tokenizer.eos_id
-        self.cfg = None  # set by build_omni_digits_data (pretrained_states reads the decoder specs)
         self.meta = read_meta(self.root)
         self.skipped = SkipCounter(strict=strict)
         items, _ = load_split(self.root, split, strict=strict, skipped=self.skipped)
@@ -163,7 +158,7 @@ class OmniDigitsData:
             if self.images else 0
 
     def _prepare_audio(self, items: list[Item]) -> None:
-        from engine.modalities.audio import log_mel
+        from engine.modalities import log_mel
 
         enc = self.parts[self.audio]
         for it in items:
@@ -329,13 +324,8 @@ class OmniDigitsData:
         return micro_batches_of_rows(self.row, step, global_batch_size, dp_rank, dp_size, micro_batch_size,
                                      self.seq_len, self.pad_id, self.ph, self.decoders, self.parts)
 
-    def pretrained_states(self, model) -> dict[str, dict[str, torch.Tensor]]:
-        """Module path -> full state dict the trainer loads after materialisation (before the
-        optimizer is built or a checkpoint is loaded): the pre-trained VQ image tokenizer."""
-        if self.cfg is None:
-            raise ValueError("omni_digits: pretrained_states needs the config; build the source with "
-                             "build_omni_digits_data")
-        return vq_tokenizer_states(model, self.cfg)
+    def skipped_counts(self) -> dict[str, int]:
+        return dict(self.skipped.counts)
 
     def stats(self) -> dict:
         return {"split": self.split, "images": len(self.images), "audio_clips": len(self.audio_items),
@@ -345,106 +335,19 @@ class OmniDigitsData:
                 "image_vq_codes": getattr(self, "vq_codes", None)}
 
 
-# ---------------------------------------------------------------------- config glue
+# ---------------------------------------------------------------------- registration
 
-def build_omni_digits_data(cfg, model, tokenizer, text_tokens: np.ndarray, split: str = "train",
-                           strict: bool = False) -> OmniDigitsData:
-    """The source for `cfg` (data.cache_dir, data.seq_len, train.seed) and an omni model."""
-    from engine.config import expand_path
-    from engine.models.omni import placeholder_ids, text_vocab_size
-
+@register_dataset("omni_digits", modalities=True, prepare=prepare)
+def build_omni_digits(cfg: Config, parts: PartLayout, split: str = "train") -> OmniDigitsData:
+    """The source for `cfg` (data.cache_dir, data.seq_len, data.strict, train.seed)."""
+    text, tokenizer = text_stream(cfg)
     root = ensure_omni_digits(expand_path(cfg.data.cache_dir))
-    parts = {**dict(model.encoders.items()), **dict(model.decoders.items())}
-    data = OmniDigitsData(root, tokenizer, text_tokens, parts, placeholder_ids(cfg.model), list(model.decoders),
-                          cfg.data.seq_len, cfg.train.seed, split=split, strict=strict)
-    data.cfg = cfg
-    limit = text_vocab_size(cfg.model)
+    data = OmniDigitsData(root, tokenizer, text.tokens, parts.parts, parts.placeholders, parts.decoders,
+                          cfg.data.seq_len, cfg.train.seed, split=split, strict=cfg.data.strict)
     ids = [t for p in data._enc.values() for t in p] + [t for a in data._image_answers for t in a] + \
         [t for tpl in data._draw for p in tpl for t in p] + tokenizer.encode(digits_answer(range(10)))
-    if max(ids) >= limit:
-        raise ValueError(f"omni_digits: the tokenizer gives id {max(ids)} >= text_vocab_size = {limit} (ids from "
-                         "there on are the parts' placeholders); use the project's tokenizer for this model")
+    if max(ids) >= parts.text_vocab_size:
+        raise ValueError(f"omni_digits: the tokenizer gives id {max(ids)} >= text_vocab_size = "
+                         f"{parts.text_vocab_size} (ids from there on are the parts' placeholders); use the "
+                         "project's tokenizer for this model")
     return data
-
-
-# ---------------------------------------------------------------------- VQ tokenizer
-
-VQ_TRAIN = {"steps": 400, "lr": 2e-3, "batch_size": 32, "seed": 0}
-_LM_ONLY = ("projection_dim", "num_hidden_layers", "hidden_act", "hidden_in", "train_vqvae")
-
-
-def _vq_options(spec: dict) -> dict:
-    """The options of an image_vq spec that shape its VQ-VAE, defaults filled in."""
-    import inspect
-
-    from engine.modalities.image_vq import ImageVQDecoder
-    from engine.models.omni import RESERVED_KEYS
-
-    params = inspect.signature(ImageVQDecoder.__init__).parameters
-    opts = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
-    opts.update({k: v for k, v in spec.items() if k not in RESERVED_KEYS})
-    opts = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items() if k not in _LM_ONLY}
-    return opts
-
-
-def training_images(root: Path, size: int, channels: int) -> torch.Tensor:
-    """[N, channels, size, size] in [-1, 1]: the training split's images."""
-    items, _ = load_split(root, "train")
-    images = [(image_to_unit(it.data, size) - 0.5) / 0.5 for it in items if it.kind == "image"]
-    return torch.stack(images)[:, None].expand(-1, channels, -1, -1).contiguous()
-
-
-def ensure_vq_tokenizer(root: str | Path, spec: dict, train: Optional[dict] = None) -> Path:
-    """`<root>/vq/image_vq_<hash>.pt`: the VQ-VAE (state dict of `vqmodel`) of an image_vq
-    decoder with options `spec`, trained on the training images with `train_vqvae` the
-    first time (under a file lock, so every rank may call this)."""
-    from engine.modalities.image_vq import ImageVQDecoder, reconstruction_error, train_vqvae
-
-    root = Path(root)
-    train = {**VQ_TRAIN, **(train or {})}
-    opts = _vq_options(spec)
-    meta = read_meta(root)
-    key = content_hash({"vq": opts, "train": train, "data": meta["options"]})
-    path = root / "vq" / f"image_vq_{key}.pt"
-
-    def build(tmp: Path) -> None:
-        import time
-
-        with torch.random.fork_rng():  # leave the caller's RNG stream untouched
-            torch.manual_seed(train["seed"])
-            dec = ImageVQDecoder(**opts)
-        images = training_images(root, dec.image_size, dec.in_channels)
-        log.info("training the image_vq tokenizer (VQ-VAE) on %d training images, %d steps (first use only)",
-                 len(images), train["steps"])
-        t0 = time.perf_counter()
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # small convolutions: one thread is 2-4x faster than two on a busy 2-core CPU
-        try:
-            with torch.random.fork_rng(), torch.enable_grad():
-                history = train_vqvae(dec, images, steps=train["steps"], lr=train["lr"],
-                                      batch_size=train["batch_size"], seed=train["seed"])
-        finally:
-            torch.set_num_threads(threads)
-        seconds = time.perf_counter() - t0
-        mse = reconstruction_error(dec, images)
-        log.info("trained the image_vq tokenizer on %d images in %.1f s (reconstruction mse %.4f)", len(images),
-                 seconds, mse)
-        torch.save({"vqmodel": dec.vqmodel.state_dict(), "options": opts, "train": train, "seconds": seconds,
-                    "train_mse": mse, "final_loss": history[-1]}, tmp)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return build_once(path, build)
-
-
-def vq_tokenizer_states(model, cfg) -> dict[str, dict[str, torch.Tensor]]:
-    """{"decoders.<name>.vqmodel": full state dict} of the pre-trained VQ tokenizer for every
-    image_vq decoder of `model` (trained first if it is not cached). The trainer copies them
-    in after materialisation (engine.parallel.init.load_full_state_)."""
-    from engine.config import expand_path
-    from engine.modalities.image_vq import ImageVQDecoder
-
-    root = ensure_omni_digits(expand_path(cfg.data.cache_dir))
-    specs = {s["name"]: s for s in cfg.model.decoders}
-    return {f"decoders.{name}.vqmodel": torch.load(ensure_vq_tokenizer(root, specs[name]), map_location="cpu",
-                                                   weights_only=True)["vqmodel"]
-            for name, dec in model.decoders.items() if isinstance(dec, ImageVQDecoder)}

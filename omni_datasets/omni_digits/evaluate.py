@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Evaluate an omni model trained on omni-digits, on the held-out split.
 
-    python tools/eval_omni.py OUTPUT_DIR                 # latest complete checkpoint in OUTPUT_DIR
-    python tools/eval_omni.py OUTPUT_DIR --checkpoint OUTPUT_DIR/checkpoints/step_00000300 --samples 5
+    python -m omni_datasets.omni_digits.evaluate OUTPUT_DIR    # latest complete checkpoint in OUTPUT_DIR
+    python -m omni_datasets.omni_digits.evaluate OUTPUT_DIR --checkpoint OUTPUT_DIR/checkpoints/step_00000300 --samples 5
 
 Scores (fractions), written to OUTPUT_DIR/eval.json:
     image_to_digit     held-out images, greedy answer names the digit
@@ -35,9 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.data.omni_packing import OmniSample, pack_rows  # noqa: E402
+from engine.data import OmniSample, pack_rows
 
 log = logging.getLogger("eval_omni")
 
@@ -49,8 +47,7 @@ def load_checkpoint_model(output_dir: Path, checkpoint: str | None, config: str 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
-    from engine.checkpoint.convert import DCPSource
-    from engine.checkpoint.manager import latest_complete
+    from engine.checkpoint import DCPSource, latest_complete
     from engine.config import load_config
     from engine.models import build_model
 
@@ -74,16 +71,16 @@ def load_checkpoint_model(output_dir: Path, checkpoint: str | None, config: str 
 def embed_batch(model, batch: dict) -> torch.Tensor:
     """Input embeddings [B, S, H] of a packed batch, as OmniModel.forward builds them
     (encoder outputs and decoder code embeddings written into their placeholders)."""
-    ids, payloads = batch["input_ids"], batch.get("payloads", {})
+    ids, payloads = batch.input_ids, batch.payloads
     emb = model.backbone.embed(ids)
     for name, enc in model.encoders.items():
         if name in payloads:
             rows = model.encoder_proj[name](enc.lm_encode(payloads[name]))
-            emb = model._place(emb, ids, model.ph[name], batch["ph_index"], rows, name, True)
+            emb = model._place(emb, ids, model.ph[name], batch.ph_index, rows, name, True)
     for name, dec in model.decoders.items():
         if name in payloads:
             rows = model.decoder_proj[name](dec.lm_encode(payloads[name])[0])
-            emb = model._place(emb, ids, model.ph[name], batch["ph_index"], rows, name, True)
+            emb = model._place(emb, ids, model.ph[name], batch.ph_index, rows, name, True)
     return emb
 
 
@@ -161,7 +158,7 @@ def chunks(xs: list, n: int):
 
 
 def answers(model, data, specs, text_vocab, batch_size) -> list[list[int]]:
-    from engine.data.omni_digits_source import parse_digits
+    from .source import parse_digits
 
     got = []
     for group in chunks(specs, batch_size):
@@ -183,7 +180,7 @@ def digit_classifier(root: Path):
     """Logistic regression on the training images (scikit-learn's digits, train split)."""
     from sklearn.linear_model import LogisticRegression
 
-    from engine.data.omni_digits import IMAGE_MAX, load_split
+    from .build import IMAGE_MAX, load_split
 
     items, _ = load_split(root, "train")
     x = np.stack([it.data for it in items if it.kind == "image"]).reshape(-1, 64) / IMAGE_MAX
@@ -209,18 +206,18 @@ def save_grid(path: Path, columns: list[torch.Tensor], cell: int = 32) -> None:
 def evaluate(output_dir: Path, checkpoint=None, config=None, limit=None, samples=5, batch_size=128,
              seed=0, out=None) -> dict:
     from engine.config import expand_path
-    from engine.data.corpus import ensure_corpus
-    from engine.data.omni_digits import ensure_omni_digits
-    from engine.data.omni_digits_source import DRAW_PROMPTS, OmniDigitsData
-    from engine.data.tokenizer import Tokenizer
-    from engine.models.omni import text_vocab_size
+    from engine.data import ensure_corpus, load_or_train_tokenizer
+    from engine.models import text_vocab_size
+
+    from .build import ensure_omni_digits
+    from .source import DRAW_PROMPTS, OmniDigitsData
 
     t0 = time.perf_counter()
     cfg, model, path = load_checkpoint_model(output_dir, checkpoint, config)
     cache = expand_path(cfg.data.cache_dir)
     root = ensure_omni_digits(cache)
     text_vocab = text_vocab_size(cfg.model)
-    tok = Tokenizer.load_or_train(cache, text_vocab, ensure_corpus(cache))
+    tok = load_or_train_tokenizer(cache, cfg.data.tokenizer, text_vocab, ensure_corpus(cache))
     parts = {**dict(model.encoders.items()), **dict(model.decoders.items())}
     data = OmniDigitsData(root, tok, np.zeros(0, dtype=np.int32), parts, model.ph, list(model.decoders),
                           cfg.data.seq_len, seed, split="heldout")

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Build the omni-digits dataset (and, with --config, the VQ tokenizer a model needs).
 
-    python tools/make_omni_digits.py                                    # ~/.cache/omni-engine/omni_digits_v1
-    python tools/make_omni_digits.py --config examples/configs/omni_digits.yaml   # + VQ tokenizer, stream stats
-    python tools/make_omni_digits.py --cache-dir /tmp/c --images-per-class 5 --voices en-us --speeds 150 --pitches 50
+    python -m omni_datasets.omni_digits.make                                    # ~/.cache/omni-engine/omni_digits_v1
+    python -m omni_datasets.omni_digits.make --config examples/configs/omni_digits.yaml   # + VQ tokenizer, stream stats
+    python -m omni_datasets.omni_digits.make --cache-dir /tmp/c --images-per-class 5 --voices en-us --speeds 150 --pitches 50
 
 The build is deterministic given its options; it needs scikit-learn and espeak-ng (installed
 with apt-get when missing and running as root). With --config the script also pre-trains
@@ -23,23 +23,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def stream_stats(cfg, steps: int, strict: bool) -> dict:
-    import torch
+    from engine.models import part_layout
 
-    from engine.data.omni_digits_source import build_omni_digits_data
-    from engine.data.text_dataset import build_text_dataset
-    from engine.models import build_model
-    from engine.models.omni import text_vocab_size
+    from .source import build_omni_digits
 
-    with torch.device("meta"):
-        model = build_model(cfg.model)
-    text, tokenizer = build_text_dataset(cfg.data.cache_dir, text_vocab_size(cfg.model), cfg.data.seq_len,
-                                         cfg.train.seed)
+    cfg.data.strict = strict
     t0 = time.perf_counter()
-    data = build_omni_digits_data(cfg, model, tokenizer, text.tokens, strict=strict)
+    data = build_omni_digits(cfg, part_layout(cfg.model))
     load_s = time.perf_counter() - t0
     kinds: dict[str, int] = {}
     samples: dict[str, int] = {}
@@ -80,7 +72,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     from engine.config import ConfigError, load_config
-    from engine.data.omni_digits import BuildOptions, dataset_root, ensure_omni_digits, load_split, read_meta
+
+    from .build import BuildOptions, dataset_root, ensure_omni_digits, load_split, read_meta
 
     try:
         cfg = load_config(args.config) if args.config else None
@@ -106,7 +99,7 @@ def main(argv: list[str]) -> int:
         report = {"root": str(root), "built_now": not existed, "seconds": round(took, 2), **meta}
         report.pop("heldout_combos", None)
         if cfg is not None:
-            from engine.data.omni_digits_source import ensure_vq_tokenizer
+            from .vq_tokenizer import ensure_vq_tokenizer
 
             for spec in cfg.model.decoders:
                 if spec.get("name") == "image_vq":

@@ -1,0 +1,6 @@
+"""Demo and example datasets for omni-engine, as plugins (`data.plugins`).
+
+They live outside the `engine` package and use only its public API (the names each
+engine package lists in `__all__`); the engine never imports them. This package's name
+does not shadow Hugging Face's `datasets` library.
+"""
