@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import torch
 
+__all__ = ["IGNORE_INDEX", "NEW_DOCUMENT", "Batch"]
+
 IGNORE_INDEX = -100
 NEW_DOCUMENT = object()  # pad value of doc_ids: padding is a document of its own
 

@@ -19,6 +19,10 @@ from typing import Any, Optional
 import yaml
 
 
+__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "ModelConfig", "ParallelConfig", "TrainConfig",
+           "expand_path", "load_config", "parse_overrides", "resolve_layout", "validate"]
+
+
 class ConfigError(ValueError):
     """A user-facing configuration mistake. The message is one line and says the fix."""
 

@@ -32,7 +32,7 @@ for mod_name, module in trainer.model.named_modules():
         if p.grad is None:  # frozen
             continue
         g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-        if hasattr(module, "global_rows"):  # EP: gather every rank's experts
+        if getattr(module, "global_rows", None):  # EP: gather every rank's experts
             parts = [torch.empty_like(g) for _ in range(trainer.dims.ep)]
             torch.distributed.all_gather(parts, g.contiguous(), group=trainer.meshes.ep.get_group())
             g = torch.cat(parts)

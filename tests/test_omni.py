@@ -107,6 +107,36 @@ def test_modality_defined_outside_engine_trains(tmp_path):
     assert len(records) == 1 and records[0]["loss"] > 0
 
 
+def test_dataset_defined_outside_engine_trains_through_the_public_contract(tmp_path):
+    """data.plugins: a dataset from a file under tests/ (public engine API only), feeding a
+    part from another plugin file, learns its task; the data is built without the model."""
+    yaml = tmp_path / "sensor.yaml"
+    yaml.write_text(textwrap.dedent(f"""
+        model:
+          vocab_size: 64
+          hidden_size: 32
+          intermediate_size: 64
+          num_layers: 1
+          num_heads: 2
+          num_kv_heads: 2
+          plugins: ["{ROOT / 'tests' / 'plugins' / 'toy_sensor.py'}"]
+          encoders:
+            - {{name: toy_sensor, channels: 3, width: 16}}
+        data:
+          dataset: sensor_parity
+          plugins: ["{ROOT / 'tests' / 'plugins' / 'sensor_parity_dataset.py'}"]
+          seq_len: 32
+          global_batch_size: 8
+        train: {{steps: 40, lr: 1.0e-2, warmup_steps: 2, tensorboard: false}}
+        checkpoint: {{interval: 0}}
+    """))
+    records = train(tmp_path / "out", 1, *COMMON, config=str(yaml))
+    assert losses(records)[0] > 2.0 and sum(losses(records)[-5:]) / 5 < 0.6, losses(records)
+    bad = train(tmp_path / "bad", 1, *COMMON, "--data.dataset=sensor_parityy", config=str(yaml), expect_rc=2)
+    assert "'data.dataset'='sensor_parityy' is not a registered dataset; registered: " in bad[0]["stderr"]
+    assert "sensor_parity, shakespeare, synthetic_omni" in bad[0]["stderr"]
+
+
 def _tiny_cfg(**parts):
     return ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2,
                        num_kv_heads=2, **parts)

@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from engine.config import ModelConfig
 from engine.models import build_backbone
+from engine.models.moe import Experts
 
 from .manager import CheckpointError
 from .safetensors_io import TensorSpec, read_header
@@ -519,7 +520,7 @@ def load_weights_(model: nn.Module, source: str | Path | WeightFolder,
     params: dict[str, nn.Parameter] = {}
     rows_of: dict[str, tuple[tuple[int, ...], int]] = {}
     for mod_name, module in model.named_modules():
-        global_rows = getattr(module, "global_rows", {})
+        global_rows = module.global_rows if isinstance(module, Experts) else {}
         for pname, p in module.named_parameters(recurse=False):
             name = clean_name(f"{mod_name}.{pname}" if mod_name else pname)
             params[name] = p

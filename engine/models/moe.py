@@ -34,6 +34,9 @@ class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden: int, intermediate: int):
         super().__init__()
         self.num_experts = num_experts
+        # Hook for expert parallelism: {param name: (global shape, first row)} when this rank
+        # holds only a block of rows of the global [experts, ...] tensors (empty otherwise).
+        self.global_rows: dict[str, tuple[tuple[int, ...], int]] = {}
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
 

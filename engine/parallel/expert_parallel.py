@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from engine.comm import all_reduce_autograd, all_to_all_single, start_all_to_all_single
+from engine.models.moe import Experts
 from engine.ops.moe import permute, unpermute
 
 
@@ -50,7 +51,7 @@ def globalize_expert_state(model: nn.Module, model_sd: dict, optim_sd: dict, mes
     placements = global_expert_placements(mesh)
     originals = {}
     for mod_name, module in model.named_modules():
-        rows = getattr(module, "global_rows", None)
+        rows = module.global_rows if isinstance(module, Experts) else None
         if not rows:
             continue
         prefix = mod_name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
@@ -129,7 +130,7 @@ def shard_experts(moe_layers: dict, ep_rank: int, ep: int) -> None:
     for moe in moe_layers.values():
         experts = moe.experts
         local = experts.num_experts // ep
-        experts.global_rows = {}
+        experts.global_rows.clear()
         for name in ("gate_up_proj", "down_proj"):
             full = getattr(experts, name)
             experts.global_rows[name] = (tuple(full.shape), ep_rank * local)

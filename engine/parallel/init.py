@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from engine.models.moe import Experts
 from engine.tensor_match import check_tensors
 
 
@@ -26,7 +27,7 @@ def _params_with_global_rows(model: nn.Module):
     """(name, param, (global shape, first row) or None) for every parameter. Expert
     parallelism keeps a block of rows of a larger tensor and records it in `global_rows`."""
     for mod_name, module in model.named_modules():
-        rows = getattr(module, "global_rows", {})
+        rows = module.global_rows if isinstance(module, Experts) else {}
         for pname, param in module.named_parameters(recurse=False):
             yield (f"{mod_name}.{pname}" if mod_name else pname), param, rows.get(pname)
 
