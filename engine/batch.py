@@ -22,8 +22,8 @@ IGNORE_INDEX = -100
 NEW_DOCUMENT = object()  # pad value of doc_ids: padding is a document of its own
 
 
-def _per_position(pad, doc: str):
-    return field(default=None, metadata={"pad": pad, "doc": doc})
+def _per_position(pad):
+    return field(default=None, metadata={"pad": pad})
 
 
 @dataclass
@@ -37,14 +37,14 @@ class Batch:
     `true_seq_len` when it keeps only a shard of each row.
     """
 
-    input_ids: torch.Tensor = _per_position(0, "token ids [B, S]")
-    labels: torch.Tensor = _per_position(IGNORE_INDEX, "next-token targets [B, S], IGNORE_INDEX where none")
-    position_ids: torch.Tensor = _per_position(0, "rotary positions [B, S], or [3, B, S] for multimodal RoPE")
-    doc_ids: torch.Tensor = _per_position(NEW_DOCUMENT, "document index within the row [B, S]")
-    token_mask: Optional[torch.Tensor] = _per_position(False, "False where the parallel layer padded [B, S]")
-    ph_index: Optional[torch.Tensor] = _per_position(-1, "index of a placeholder within its part's payload order")
-    dec_next_index: Optional[torch.Tensor] = _per_position(-1, "which code of a decoder the next position holds")
-    dec_next_part: Optional[torch.Tensor] = _per_position(-1, "which decoder the next position's code belongs to")
+    input_ids: torch.Tensor = _per_position(0)  # token ids [B, S]
+    labels: torch.Tensor = _per_position(IGNORE_INDEX)  # next-token targets, IGNORE_INDEX where none
+    position_ids: torch.Tensor = _per_position(0)  # rotary positions [B, S], or [3, B, S] for multimodal RoPE
+    doc_ids: torch.Tensor = _per_position(NEW_DOCUMENT)  # document index within the row
+    token_mask: Optional[torch.Tensor] = _per_position(False)  # False where the parallel layer padded
+    ph_index: Optional[torch.Tensor] = _per_position(-1)  # a placeholder's index in its part's payload order
+    dec_next_index: Optional[torch.Tensor] = _per_position(-1)  # which code of a decoder the next position holds
+    dec_next_part: Optional[torch.Tensor] = _per_position(-1)  # which decoder that code belongs to
     payloads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     padding_tokens: int = 0
     attn_meta: Any = None
@@ -69,15 +69,10 @@ class Batch:
         return dataclasses.replace(self, **changes)
 
     def to(self, device: torch.device) -> "Batch":
-        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in self.sequence_fields()
-                 if getattr(self, f.name) is not None}
-        payloads = {name: {k: v.to(device, non_blocking=True) for k, v in p.items()} for name, p in self.payloads.items()}
+        moved = {k: v.to(device, non_blocking=True) for k, v in self.items()}
+        payloads = {name: {k: v.to(device, non_blocking=True) for k, v in p.items()}
+                    for name, p in self.payloads.items()}
         return self.replace(**moved, payloads=payloads)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(rows, positions per row) of this batch (of this rank's shard under SP)."""
-        return tuple(self.input_ids.shape)
 
     # Read access as a mapping, as for the dicts batches used to be: `batch["labels"]` for
     # any field; iteration, keys(), values() and items() over the per-position tensors set.

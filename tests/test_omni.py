@@ -1,9 +1,8 @@
 """The omni model: parts by name, placeholders, recipes, dummy payloads, parity across layouts."""
 
-import textwrap
-
 import pytest
 import torch
+import yaml
 
 from engine.batch import Batch
 from engine.config import ModelConfig, load_config
@@ -39,16 +38,16 @@ def test_omni_loss_trace_matches_one_process(reference, tmp_path, overrides):
 
 
 def _replicate_config(tmp_path):
-    yaml = tmp_path / "omni_replicate.yaml"
+    path = tmp_path / "omni_replicate.yaml"
     text = (ROOT / "examples/configs/tiny_omni.yaml").read_text()
-    yaml.write_text(text.replace("{name: vision,", "{name: vision, recipe: replicate,"))
-    return str(yaml)
+    path.write_text(text.replace("{name: vision,", "{name: vision, recipe: replicate,"))
+    return str(path)
 
 
 def test_replicate_recipe_matches_fsdp(tmp_path):
-    yaml = _replicate_config(tmp_path)
-    one = train(tmp_path / "one", 1, *COMMON, config=yaml)
-    two = train(tmp_path / "two", 2, *COMMON, config=yaml)
+    config = _replicate_config(tmp_path)
+    one = train(tmp_path / "one", 1, *COMMON, config=config)
+    two = train(tmp_path / "two", 2, *COMMON, config=config)
     assert_close(losses(two), losses(one), rel=1e-5)
     assert_close([r["grad_norm"] for r in two], [r["grad_norm"] for r in one], rel=1e-5)  # replicas counted once
 
@@ -85,54 +84,33 @@ def test_rank_without_payload_runs_dummy_and_matches(tmp_path):
     assert_close(losses(two), losses(one), rel=1e-5)
 
 
+def _toy_sensor_config(path, data: dict, train_keys: dict, vocab_size: int, channels: int, width: int) -> str:
+    """A one-layer model with the toy_sensor part of tests/plugins/toy_sensor.py."""
+    model = {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
+             "num_kv_heads": 2, "plugins": [str(ROOT / "tests" / "plugins" / "toy_sensor.py")],
+             "encoders": [{"name": "toy_sensor", "channels": channels, "width": width}]}
+    path.write_text(yaml.safe_dump({"model": model, "data": data, "train": {**train_keys, "tensorboard": False},
+                                    "checkpoint": {"interval": 0}}))
+    return str(path)
+
+
 def test_modality_defined_outside_engine_trains(tmp_path):
-    plugin = ROOT / "tests" / "plugins" / "toy_sensor.py"
-    yaml = tmp_path / "toy.yaml"
-    yaml.write_text(textwrap.dedent(f"""
-        model:
-          vocab_size: 512
-          hidden_size: 32
-          intermediate_size: 64
-          num_layers: 1
-          num_heads: 2
-          num_kv_heads: 2
-          plugins: ["{plugin}"]
-          encoders:
-            - {{name: toy_sensor, channels: 5, width: 8}}
-        data: {{dataset: synthetic_omni, seq_len: 32, global_batch_size: 2}}
-        train: {{steps: 1, tensorboard: false}}
-        checkpoint: {{interval: 0}}
-    """))
-    records = train(tmp_path / "out", 1, *COMMON, config=str(yaml))
+    config = _toy_sensor_config(tmp_path / "toy.yaml", {"dataset": "synthetic_omni", "seq_len": 32,
+                                                       "global_batch_size": 2}, {"steps": 1}, 512, 5, 8)
+    records = train(tmp_path / "out", 1, *COMMON, config=config)
     assert len(records) == 1 and records[0]["loss"] > 0
 
 
 def test_dataset_defined_outside_engine_trains_through_the_public_contract(tmp_path):
     """data.plugins: a dataset from a file under tests/ (public engine API only), feeding a
     part from another plugin file, learns its task; the data is built without the model."""
-    yaml = tmp_path / "sensor.yaml"
-    yaml.write_text(textwrap.dedent(f"""
-        model:
-          vocab_size: 64
-          hidden_size: 32
-          intermediate_size: 64
-          num_layers: 1
-          num_heads: 2
-          num_kv_heads: 2
-          plugins: ["{ROOT / 'tests' / 'plugins' / 'toy_sensor.py'}"]
-          encoders:
-            - {{name: toy_sensor, channels: 3, width: 16}}
-        data:
-          dataset: sensor_parity
-          plugins: ["{ROOT / 'tests' / 'plugins' / 'sensor_parity_dataset.py'}"]
-          seq_len: 32
-          global_batch_size: 8
-        train: {{steps: 40, lr: 1.0e-2, warmup_steps: 2, tensorboard: false}}
-        checkpoint: {{interval: 0}}
-    """))
-    records = train(tmp_path / "out", 1, *COMMON, config=str(yaml))
+    data = {"dataset": "sensor_parity", "plugins": [str(ROOT / "tests" / "plugins" / "sensor_parity_dataset.py")],
+            "seq_len": 32, "global_batch_size": 8}
+    config = _toy_sensor_config(tmp_path / "sensor.yaml", data, {"steps": 40, "lr": 1.0e-2, "warmup_steps": 2},
+                                64, 3, 16)
+    records = train(tmp_path / "out", 1, *COMMON, config=config)
     assert losses(records)[0] > 2.0 and sum(losses(records)[-5:]) / 5 < 0.6, losses(records)
-    bad = train(tmp_path / "bad", 1, *COMMON, "--data.dataset=sensor_parityy", config=str(yaml), expect_rc=2)
+    bad = train(tmp_path / "bad", 1, *COMMON, "--data.dataset=sensor_parityy", config=config, expect_rc=2)
     assert "'data.dataset'='sensor_parityy' is not a registered dataset; registered: " in bad[0]["stderr"]
     assert "sensor_parity, shakespeare, synthetic_omni" in bad[0]["stderr"]
 

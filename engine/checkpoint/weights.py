@@ -34,10 +34,9 @@ def initial_weights_(model: nn.Module, cfg: Config, device: torch.device, resumi
         return
     if cfg.model.init_from:  # each rank keeps its shards
         load_weights_(model, expand_path(cfg.model.init_from), expect=cfg.model)
-    for kind, specs in (("encoders", cfg.model.encoders), ("decoders", cfg.model.decoders)):
-        for spec in specs:
-            if spec.get("init_from"):
-                load_part_weights_(model, spec["name"], spec["init_from"])
+    for spec in [*cfg.model.encoders, *cfg.model.decoders]:
+        if spec.get("init_from"):
+            load_part_weights_(model, spec["name"], spec["init_from"])
 
 
 def load_part_weights_(model: nn.Module, name: str, source: str) -> None:

@@ -17,8 +17,6 @@ import torch
 from engine.batch import IGNORE_INDEX, Batch
 from engine.models.omni import placeholder_layout
 
-IGNORE = IGNORE_INDEX  # short name for sample builders
-
 
 @dataclass
 class OmniSample:
@@ -39,7 +37,7 @@ def pack_rows(samples: list[list[OmniSample]], seq_len: int, pad_id: int, ph: di
     """
     rows = len(samples)
     ids = torch.full((rows, seq_len), pad_id, dtype=torch.long)
-    labels = torch.full((rows, seq_len), IGNORE, dtype=torch.long)
+    labels = torch.full((rows, seq_len), IGNORE_INDEX, dtype=torch.long)
     pos = torch.zeros((rows, seq_len), dtype=torch.long)
     doc = torch.zeros((rows, seq_len), dtype=torch.long)
     payloads: dict[str, list] = {}

@@ -31,9 +31,6 @@ from engine.config import Config, ConfigError
 
 @runtime_checkable
 class DataSource(Protocol):
-    tokenizer: object
-    """The text tokenizer the source encodes with (`encode`, `decode`, `eos_id`, `pad_id`)."""
-
     def micro_batches(self, step: int, global_batch_size: int, dp_rank: int, dp_size: int,
                       micro_batch_size: int) -> list[Batch]:
         """This rank's micro-batches of `step`; all ranks' together are the global batch."""

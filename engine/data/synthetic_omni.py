@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .omni_packing import IGNORE, OmniSample, PushBackIterator, fill_rows, micro_batches_of_rows
+from engine.batch import IGNORE_INDEX
+
+from .omni_packing import OmniSample, PushBackIterator, fill_rows, micro_batches_of_rows
 
 
 def randomize(payload: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -50,11 +52,11 @@ class SyntheticOmniData:
             prompt = self._text(rng, 5)
             if kind in self.decoders:  # prompt, then the codes to generate
                 tokens = prompt + [self.ph[kind]] * n
-                labels = prompt[1:] + [IGNORE] * (n + 1)
+                labels = prompt[1:] + [IGNORE_INDEX] * (n + 1)
             else:  # prompt, payload, caption
                 caption = self._text(rng, 6)
                 tokens = prompt + [self.ph[kind]] * n + caption[:-1]
-                labels = prompt[1:] + [IGNORE] * (n + 1) + caption[1:]
+                labels = prompt[1:] + [IGNORE_INDEX] * (n + 1) + caption[1:]
             yield OmniSample(tokens, labels, {kind: [payload]})
 
     def row(self, step: int, row: int) -> list[OmniSample]:

@@ -18,7 +18,9 @@ def build_text_dataset(
     """Corpus -> tokenizer -> token cache -> packed dataset, each step cached in ``cache_dir``.
 
     Raises `VocabularyUnreachableError` when the corpus cannot train a tokenizer of
-    `tokenizer_kind` with `vocab_size` ids. Every rank may call this at the same time: each artifact is built by whichever
+    `tokenizer_kind` with `vocab_size` ids.
+
+    Every rank may call this at the same time: each artifact is built by whichever
     process takes its file lock first, and the others read the finished file.
     """
     cache_dir = Path(cache_dir)

@@ -25,10 +25,6 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
-CONTRACT = ("target_counts", "loss_sums", "loss_weights", "blocks", "attention_modules", "set_attention_fn",
-            "moe_layers", "parts", "flops_per_token", "init_param_")
-
-
 @runtime_checkable
 class TrainableModel(Protocol):
     blocks: nn.ModuleDict
@@ -55,5 +51,5 @@ class TrainableModel(Protocol):
 
 def check_contract(model: nn.Module) -> None:
     """A registered backbone that misses part of the contract is a programming error."""
-    missing = [name for name in CONTRACT if not hasattr(model, name)]
-    assert not missing, f"{type(model).__name__} misses {missing} of the model contract (engine/models/contract.py)"
+    assert isinstance(model, TrainableModel), \
+        f"{type(model).__name__} does not answer the model contract (engine/models/contract.py)"

@@ -55,7 +55,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 class Trainer:
     def __init__(self, cfg: Config, ctx: DistContext):
         self.ctx = ctx
-        self.cfg = self._prepare_data(cfg)
+        self.cfg = prepare_data(cfg)  # the dataset's files, and weights it makes for parts (as their init_from)
         self._build_layout()
         model = self._build_model_on_meta()
         self.model = parallelize(model, self.cfg, self.dims, self.meshes, ctx.device.type)
@@ -64,16 +64,11 @@ class Trainer:
         resume_from = self.ckpt.resolve_resume(self.cfg.checkpoint.resume)
         initial_weights_(self.model, self.cfg, ctx.device, resuming=resume_from is not None)
         self.data = build_train_data(self.cfg)
-        self.tokenizer = self.data.tokenizer
         self.optimizer = build_optimizer(self.model, self.cfg.train)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.train)
         self._resume(resume_from)
 
     # ---- build stages ------------------------------------------------------------------
-    def _prepare_data(self, cfg: Config) -> Config:
-        """The dataset's files (and weights it makes for parts, named as their init_from)."""
-        return prepare_data(cfg)
-
     def _build_layout(self) -> None:
         cfg, ctx = self.cfg, self.ctx
         self.layout = resolve_layout(cfg, ctx.world_size)
@@ -156,12 +151,12 @@ class Trainer:
                 self.model.set_requires_gradient_sync(i == len(batches) - 1)
             with self.autocast():
                 losses = self.model.loss_sums(batch)
-            objective = sum(weights[k] * losses[k] / global_counts[k] for k in keys if global_counts[k] > 0)
-            objective = objective + sum(losses[k] / len(batches) for k in losses if k not in global_counts)
+            terms = {k: v if k in global_counts else v / len(batches) for k, v in losses.items()}
+            counted = [weights[k] * terms[k] / global_counts[k] for k in keys if global_counts[k] > 0]
+            objective = sum(counted) + sum(v for k, v in terms.items() if k not in global_counts)
             objective.backward()
-            for k, v in losses.items():
-                scale = 1.0 if k in global_counts else 1.0 / len(batches)
-                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=dev)) + v.detach().double() * scale
+            for k, v in terms.items():
+                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=dev)) + v.detach().double()
         return sums, global_counts
 
     def train_step(self) -> dict:

@@ -15,7 +15,7 @@ Like `SyntheticOmniData`, row r of step s is drawn from its own generator seeded
 (seed, s, r), so a global batch is the same whatever the parallel layout or resume point.
 A row is filled by drawing samples until one no longer fits (a few more tries), then the
 gap is closed with a Shakespeare window of exactly its length: a row wastes at most one
-padding token. Each micro-batch carries `real_tokens` and `padding_tokens` (scalars).
+padding token. Each micro-batch carries its `padding_tokens`.
 
 Video: each digit image is one temporal patch (its frame repeated temporal_patch_size
 times), so a k-digit video has grid (k, h, w) and its pixel patches are the k images'
@@ -37,11 +37,9 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from engine.config import Config, expand_path
-from engine.data import IGNORE_INDEX as IGNORE
-from engine.data import OmniSample, micro_batches_of_rows, register_dataset, text_stream
+from engine.data import IGNORE_INDEX, OmniSample, micro_batches_of_rows, register_dataset, text_stream
 from engine.models import PartLayout
 
 from .build import (DIGIT_WORDS, IMAGE_SIDE, SAMPLE_RATE, Item, SkipCounter, ensure_omni_digits, image_to_unit,
@@ -257,7 +255,7 @@ class OmniDigitsData:
         placeholder on) is a target."""
         full = prompt + [ph_id] * n + answer
         first = len(prompt) + n
-        labels = [full[i + 1] if i + 1 >= first else IGNORE for i in range(len(full) - 1)]
+        labels = [full[i + 1] if i + 1 >= first else IGNORE_INDEX for i in range(len(full) - 1)]
         return OmniSample(full[:-1], labels, payloads)
 
     def vision_payload(self, idx) -> dict[str, torch.Tensor]:
@@ -280,7 +278,7 @@ class OmniDigitsData:
             item = self.images[spec.items[0]]
             prompt = self._draw[spec.extra][item.digits[0]]
             n = self.vq_codes
-            return OmniSample(prompt + [self.ph[self.image_vq]] * n, [IGNORE] * (len(prompt) + n),
+            return OmniSample(prompt + [self.ph[self.image_vq]] * n, [IGNORE_INDEX] * (len(prompt) + n),
                               {self.image_vq: [{"pixel_values": self.vq_pixels(item)}]})
         if k == "audio":
             item = self.audio_items[spec.items[0]]
@@ -295,7 +293,7 @@ class OmniDigitsData:
         prompt = self._enc[k]
         if not with_answer:
             tokens = prompt + [self.ph[part]] * n
-            return OmniSample(tokens, [IGNORE] * len(tokens), {part: [payload]})
+            return OmniSample(tokens, [IGNORE_INDEX] * len(tokens), {part: [payload]})
         return self._qa(prompt, self.ph[part], n, answer, {part: [payload]})
 
     def row(self, step: int, row: int) -> list[OmniSample]:

@@ -18,7 +18,6 @@ class SensorParity:
         self.parts, self.seq_len, self.seed = parts, seq_len, seed
         self.ph = parts.placeholders["toy_sensor"]
         self.channels = parts.parts["toy_sensor"].channels
-        self.tokenizer = None
 
     def _samples(self, step: int, row: int):
         rng = np.random.default_rng([self.seed, step, row])
