@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.config import ConfigError, load_config, parse_overrides, resolve_layout
 
@@ -95,3 +96,10 @@ def test_cli_exits_2_with_one_line_and_no_traceback():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == ["error: unknown config key 'train.lrr' (did you mean 'train.lr'?)"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+def test_cuda_asked_for_on_a_machine_without_one_is_a_config_error():
+    from engine.comm.backends import resolve_device
+    with pytest.raises(ConfigError, match=r"'train.device' is cuda .*--train.device=cpu"):
+        resolve_device("cuda")

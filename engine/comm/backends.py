@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -61,7 +63,8 @@ def register_backend(name: str, init: Callable[[int, int], None]) -> None:
 
 def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+        raise ConfigError("config key 'train.device' is cuda but no CUDA device is visible; "
+                          "use --train.device=cpu or auto")
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(requested)

@@ -50,6 +50,15 @@ class TrainableModel(Protocol):
 
 
 def check_contract(model: nn.Module) -> None:
-    """A registered backbone that misses part of the contract is a programming error."""
-    assert isinstance(model, TrainableModel), \
-        f"{type(model).__name__} does not answer the model contract (engine/models/contract.py)"
+    """A registered backbone that misses part of the contract is a programming error.
+
+    Checked by name, not ``isinstance(model, TrainableModel)``: from Python 3.12 a runtime
+    protocol looks members up statically, which misses submodules (``blocks``) that
+    ``nn.Module`` serves through ``__getattr__``."""
+    missing = sorted(name for name in _CONTRACT_MEMBERS if not hasattr(model, name))
+    assert not missing, \
+        f"{type(model).__name__} does not answer the model contract (engine/models/contract.py): lacks {missing}"
+
+
+_CONTRACT_MEMBERS = frozenset(TrainableModel.__annotations__) | frozenset(
+    name for name in vars(TrainableModel) if not name.startswith("_"))
