@@ -18,10 +18,13 @@ setup(
         "tensorboard",
         "safetensors",
         "tokenizers",  # tokenizer.json files and data.tokenizer=bpe
+        "jinja2",  # chat templates (data.dataset=conversations)
+        "pyarrow",  # Parquet data files
     ],
     extras_require={
         # the omni-digits demo dataset (omni_datasets/): scikit-learn's digits, PNG grids, resampling
-        "demo": ["scikit-learn", "pillow", "scipy"],
+        # and the fine-tuning example's tiny transformers-saved Qwen2 (omni_datasets/sft_text)
+        "demo": ["scikit-learn", "pillow", "scipy", "transformers>=4.51"],
         "test": ["pytest", "pytest-timeout", "transformers>=4.51", "scikit-learn", "pillow", "scipy"],
         "plots": ["matplotlib"],  # tools/plot_losses.py
         # Need CUDA to build or run; never installed on CPU machines.

@@ -45,7 +45,9 @@ class Batch:
     ph_index: Optional[torch.Tensor] = _per_position(-1)  # a placeholder's index in its part's payload order
     dec_next_index: Optional[torch.Tensor] = _per_position(-1)  # which code of a decoder the next position holds
     dec_next_part: Optional[torch.Tensor] = _per_position(-1)  # which decoder that code belongs to
+    loss_groups: Optional[torch.Tensor] = _per_position(-1)  # the data source of each target (a mixture)
     payloads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    loss_group_names: tuple = ()  # names of the loss_groups values: models also sum the loss per group
     padding_tokens: int = 0
     attn_meta: Any = None
     true_seq_len: Optional[int] = None

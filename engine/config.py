@@ -128,10 +128,29 @@ class DataConfig:
     cache_dir: str = "~/.cache/omni-engine"
     """Where the corpus, tokenizer and token arrays are cached."""
     tokenizer: str = "sentencepiece"
-    """Text tokenizer trained on the corpus with exactly the model's text ids (model.vocab_size
+    """A tokenizer trained on the corpus with exactly the model's text ids (model.vocab_size
     less one placeholder id per omni part): sentencepiece (small vocabularies; at most ~74k
     on Shakespeare) or bpe (byte-level BPE with Hugging Face tokenizers, any size up to
-    ~1M: 151,933 ids train in about 20 s)."""
+    ~1M: 151,933 ids train in about 20 s); or a path: a Hugging Face tokenizer folder
+    (tokenizer.json), a tokenizer.json or a sentencepiece .model. With the text and
+    conversations datasets, the tokenizer in model.init_from's folder wins over a trained one."""
+    path: Optional[list[str]] = None
+    """text / conversations datasets: a file, a folder, a glob, or a list of them (JSONL,
+    Parquet, or a folder written by tools/prepare_data.py)."""
+    weights: Optional[list[float]] = None
+    """One weight per data.path entry: each source is drawn in proportion (a mixture)."""
+    text_field: str = "text"
+    """The column / JSON key holding a document's text (data.dataset=text)."""
+    chat_template: Optional[str] = None
+    """A Jinja chat template file overriding the tokenizer's own (data.dataset=conversations)."""
+    train_on: str = "assistant"
+    """conversations: assistant (targets are the assistant turns) or all (every token)."""
+    truncate: bool = False
+    """A sample longer than data.seq_len keeps its head (true) or is skipped and counted (false)."""
+    eval_path: Optional[list[str]] = None
+    """Validation data, same forms as data.path; its loss is logged every train.eval_interval."""
+    eval_fraction: float = 0.0
+    """Without eval_path: hold out this fraction of the documents (seeded) for validation."""
     strict: bool = False
     """Bad samples (unreadable payloads, samples longer than seq_len) raise an error naming
     the file and line instead of being skipped and counted in metrics.jsonl."""
@@ -165,6 +184,10 @@ class TrainConfig:
     progress_bar: bool = True
     compile: bool = False
     """torch.compile each transformer block (after activation checkpointing, before FSDP)."""
+    eval_interval: int = 0
+    """Every N steps (and at the end), the validation loss (data.eval_path / eval_fraction); 0 = never."""
+    eval_batches: int = 0
+    """Global batches per validation; 0 = the whole validation set."""
 
 
 @dataclass
@@ -194,7 +217,7 @@ _CHOICES = {
     "model.attention_backend": ("auto", "sdpa", "sdpa_doc", "flash_attn", "eager"),
     "parallel.backend": ("auto", "nccl", "gloo", "fake"),
     "train.dtype": ("fp32", "bf16"),
-    "data.tokenizer": ("sentencepiece", "bpe"),
+    "data.train_on": ("assistant", "all"),
     "train.device": ("auto", "cpu", "cuda"),
 }
 
@@ -385,6 +408,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {t.min_lr_ratio}")
     if t.warmup_steps < 0 or t.grad_clip < 0 or t.weight_decay < 0:
         raise ConfigError("config keys 'train.warmup_steps', 'train.grad_clip', 'train.weight_decay' must be >= 0")
+    if d.tokenizer not in ("sentencepiece", "bpe") and not expand_path(d.tokenizer).exists():
+        raise ConfigError(f"config key 'data.tokenizer'={d.tokenizer!r} is neither sentencepiece, bpe nor an existing "
+                          "path: pass a Hugging Face tokenizer folder, a tokenizer.json or a sentencepiece .model")
+    if d.weights is not None:
+        paths = d.path if isinstance(d.path, list) else [d.path]
+        if len(d.weights) != len(paths) or not all(isinstance(w, (int, float)) and w > 0 for w in d.weights):
+            raise ConfigError(f"config key 'data.weights'={d.weights} needs one positive number per data.path entry "
+                              f"({len(paths)})")
+    if not 0 <= d.eval_fraction < 1:
+        raise ConfigError(f"config key 'data.eval_fraction' must be in [0, 1), got {d.eval_fraction}")
+    if t.eval_interval < 0 or t.eval_batches < 0:
+        raise ConfigError("config keys 'train.eval_interval' and 'train.eval_batches' must be >= 0")
     if d.micro_batch_size < 0:
         raise ConfigError(f"config key 'data.micro_batch_size' must be >= 0, got {d.micro_batch_size}")
     if c.interval < 0:

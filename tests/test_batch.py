@@ -24,9 +24,9 @@ def _batch(rows=2, seq=7, mrope=False) -> Batch:
 def test_every_per_position_field_declares_its_padding():
     fields = {f.name: f.metadata["pad"] for f in Batch.sequence_fields()}
     assert fields == {"input_ids": 0, "labels": IGNORE_INDEX, "position_ids": 0, "doc_ids": NEW_DOCUMENT,
-                      "token_mask": False, "ph_index": -1, "dec_next_index": -1, "dec_next_part": -1}
+                      "token_mask": False, "ph_index": -1, "dec_next_index": -1, "dec_next_part": -1, "loss_groups": -1}
     assert IGNORE_INDEX == -100 and {f.name for f in dataclasses.fields(Batch)} - set(fields) == {
-        "payloads", "padding_tokens", "attn_meta", "true_seq_len"}
+        "payloads", "padding_tokens", "attn_meta", "true_seq_len", "loss_group_names"}
 
 
 @pytest.mark.parametrize("mrope", [False, True], ids=["positions[B,S]", "positions[3,B,S]"])

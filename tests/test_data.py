@@ -343,7 +343,7 @@ def test_unreachable_vocabulary_is_a_one_line_config_error(synthetic_cache, tmp_
         message = str(err.value)
         assert "'model.vocab_size'=60000" in message and f"data.tokenizer={kind}" in message and fix in message
         assert "\n" not in message
-    with pytest.raises(ConfigError, match="data.tokenizer' must be one of sentencepiece, bpe"):
+    with pytest.raises(ConfigError, match="data.tokenizer'='wordpiece' is neither sentencepiece, bpe nor an existing path"):
         load_config(None, [("data.tokenizer", "wordpiece")])
 
 

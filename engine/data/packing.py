@@ -31,6 +31,7 @@ from engine.ops.attention import cu_seqlens_from_doc_ids  # noqa: F401  (re-expo
 from engine.data.cache import build_once
 from engine.data.corpus import load_documents
 from engine.batch import IGNORE_INDEX, Batch
+from engine.data.token_shards import ConcatArray
 from engine.data.tokenizer import Tokenizer
 
 
@@ -81,7 +82,7 @@ class PackedTextDataset:
     """Fixed-length windows over a flat token stream, with document boundaries."""
 
     def __init__(self, tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int, seed: int):
-        tokens = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)  # keep memmaps
+        tokens = tokens if isinstance(tokens, (np.ndarray, ConcatArray)) else np.asarray(tokens)  # keep memmaps
         doc_starts = np.asarray(doc_starts, dtype=np.int64)
         if seq_len < 1:
             raise ValueError(f"seq_len={seq_len} must be positive")

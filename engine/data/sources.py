@@ -17,6 +17,7 @@ from .source import DataSource, DatasetEntry, get_dataset, register_dataset
 from .synthetic_omni import SyntheticOmniData
 from .text_dataset import build_text_dataset
 from .tokenizer import VocabularyUnreachableError
+from .user_data import UserData, build_user_data
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,17 @@ def build_train_data(cfg: Config) -> DataSource:
     return entry.build(cfg, part_layout(cfg.model) if entry.modalities else None)
 
 
+def build_eval_data(cfg: Config) -> DataSource | None:
+    """Validation data of the text and conversations datasets (None without data.eval_path
+    or data.eval_fraction, and for other datasets)."""
+    if cfg.data.dataset not in ("text", "conversations"):
+        if cfg.data.eval_path or cfg.data.eval_fraction:
+            raise ConfigError(f"config keys 'data.eval_path' / 'data.eval_fraction' need data.dataset=text or "
+                              f"conversations, not {cfg.data.dataset}")
+        return None
+    return build_user_data(cfg, evaluation=True)
+
+
 def text_stream(cfg: Config) -> tuple[PackedTextDataset, object]:
     """The Shakespeare token stream and the text tokenizer (`data.tokenizer`, sized to the
     model's text ids), as every built-in dataset uses them; for plugins too."""
@@ -94,6 +106,16 @@ class TextData:
 @register_dataset("shakespeare", modalities=False)
 def build_shakespeare(cfg: Config, parts: None) -> TextData:
     return TextData(*text_stream(cfg))
+
+
+@register_dataset("text", modalities=False)
+def build_text(cfg: Config, parts: None) -> UserData:
+    return build_user_data(cfg)
+
+
+@register_dataset("conversations", modalities=False)
+def build_conversations(cfg: Config, parts: None) -> UserData:
+    return build_user_data(cfg)
 
 
 @register_dataset("synthetic_omni", modalities=True)

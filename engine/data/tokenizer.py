@@ -245,6 +245,12 @@ class JsonTokenizer:
     def encode_batch(self, texts: Sequence[str], num_threads: int = 2) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` (no BOS/EOS added) and each token's ``(start, end)`` character
+        offsets in ``text``, as transformers' fast tokenizers report them."""
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(offset) for offset in encoding.offsets]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 

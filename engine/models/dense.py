@@ -87,14 +87,25 @@ class DenseTransformer(nn.Module):
 
     def target_counts(self, batch: Batch) -> dict[str, int]:
         """Targets of each loss in this (local) batch, known before the forward pass."""
-        return {"lm": int((batch.labels != IGNORE_INDEX).sum())}
+        counts = {"lm": int((batch.labels != IGNORE_INDEX).sum())}
+        for g, name in enumerate(batch.loss_group_names):  # per data source: metrics, not weighted
+            counts[f"lm/{name}"] = int((batch.loss_groups == g).sum())
+        return counts
 
     def loss_sums(self, batch: Batch) -> dict[str, torch.Tensor]:
         """{"lm": summed cross-entropy over the batch's targets} (fp32). Calls `forward`
         directly: the parallel layer registers `loss_sums` itself as the FSDP entry point."""
         logits = self.forward(batch.input_ids, batch.position_ids, batch.doc_ids, attn_meta=batch.attn_meta,
                               token_mask=batch.token_mask)
-        return {"lm": token_loss_sum(logits, batch.labels)}
+        if not batch.loss_group_names:
+            return {"lm": token_loss_sum(logits, batch.labels)}
+        per_token = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX,
+                                    reduction="none")
+        groups = batch.loss_groups.flatten()
+        sums = {"lm": per_token.sum()}
+        for g, name in enumerate(batch.loss_group_names):
+            sums[f"lm/{name}"] = per_token[groups == g].sum()
+        return sums
 
     # ---- forward -----------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from engine.checkpoint import CheckpointManager
 from engine.checkpoint.weights import initial_weights_
 from engine.comm import STATS, DistContext, all_reduce, init_distributed, shutdown
 from engine.config import Config, expand_path, resolve_layout
-from engine.data.sources import build_train_data, prepare_data
+from engine.data.sources import build_eval_data, build_train_data, prepare_data
 from engine.models import build_model
 from engine.models.contract import check_contract
 from engine.models.dense import token_loss_sum  # noqa: F401  (re-exported for tools and tests)
@@ -64,6 +64,8 @@ class Trainer:
         resume_from = self.ckpt.resolve_resume(self.cfg.checkpoint.resume)
         initial_weights_(self.model, self.cfg, ctx.device, resuming=resume_from is not None)
         self.data = build_train_data(self.cfg)
+        self.eval_data = build_eval_data(self.cfg)
+        self.eval_rows = self.eval_data.finish_pass() if self.eval_data is not None else 0
         self.optimizer = build_optimizer(self.model, self.cfg.train)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.train)
         self._resume(resume_from)
@@ -152,12 +154,43 @@ class Trainer:
             with self.autocast():
                 losses = self.model.loss_sums(batch)
             terms = {k: v if k in global_counts else v / len(batches) for k, v in losses.items()}
-            counted = [weights[k] * terms[k] / global_counts[k] for k in keys if global_counts[k] > 0]
+            # A counted term the model does not weight (the loss of one data source) is a metric.
+            counted = [weights[k] * terms[k] / global_counts[k] for k in keys if global_counts[k] > 0 and k in weights]
             objective = sum(counted) + sum(v for k, v in terms.items() if k not in global_counts)
             objective.backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=dev)) + v.detach().double()
         return sums, global_counts
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss of every counted term over the validation set (or train.eval_batches of it),
+        token-weighted over all ranks like the training loss."""
+        cfg = self.cfg
+        g = cfg.data.global_batch_size
+        steps = -(-self.eval_rows // g)
+        if cfg.train.eval_batches:
+            steps = min(steps, cfg.train.eval_batches)
+        self.model.eval()
+        sums: dict[str, float] = {}
+        try:
+            for step in range(steps):
+                for batch in self.eval_data.micro_batches(step, g, self.dp_rank, self.dims.dp, self.layout["micro_batch"]):
+                    batch = self.prepare_batch(batch)
+                    counts = self.model.target_counts(batch)
+                    with self.autocast():
+                        losses = self.model.loss_sums(batch)
+                    for k in counts:
+                        sums[f"{k}/n"] = sums.get(f"{k}/n", 0.0) + counts[k]
+                        sums[k] = sums.get(k, 0.0) + float(losses[k].detach())
+        finally:
+            self.model.train()
+        keys = sorted(sums)
+        totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.ctx.device)
+        all_reduce(totals, axis="world")
+        total = dict(zip(keys, totals.tolist()))
+        return {("eval_loss" if k == "lm" else f"eval_loss_{k}"): total[k] / total[f"{k}/n"]
+                for k in keys if not k.endswith("/n") and total[f"{k}/n"] > 0}
 
     def train_step(self) -> dict:
         cfg, dev = self.cfg, self.ctx.device
@@ -202,6 +235,9 @@ class Trainer:
                 STATS.reset()
                 record = self.train_step()
                 record["comm_bytes"] = STATS.total()
+                every = cfg.train.eval_interval
+                if self.eval_data is not None and every and (self.step % every == 0 or self.step == total):
+                    record.update(self.evaluate())
                 records.append(record)
                 if record["step"] % cfg.train.log_interval == 0 or record["step"] == total:
                     logger.log(record)

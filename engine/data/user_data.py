@@ -1,0 +1,318 @@
+"""The user's own data: `data.dataset: text` and `data.dataset: conversations`.
+
+Both read token shards (engine/data/token_shards.py): a folder made by
+`tools/prepare_data.py`, or the files of `data.path` tokenised on first use into
+`<data.cache_dir>/prepared/<fingerprint>` (one process; fine for small sets).
+
+- `text` packs documents as a stream, the way pretraining does: rows are consecutive
+  windows of `seq_len` tokens (documents cut at row ends, each document's tokens kept;
+  positions restart and attention is masked at every document start).
+- `conversations` packs whole samples (never split) into rows, first-fit over a few open
+  rows; a sample longer than `seq_len` is skipped and counted, or with `data.truncate`
+  keeps its head. Targets are the tokens the chat template marks (engine/data/chat.py).
+
+Batches are a pure function of the step, the same for every layout: draw k of the
+sample stream is a (source, item) pair, blended over `data.weights` by Megatron's greedy
+rule (each source as close to its share as possible after every draw) and, within a
+source, its k-th item in a seeded per-epoch permutation; rows are built from draws in
+order, row r of the run is global row r, step s takes rows [s*G, (s+1)*G). The index is
+built once (and extended lazily); resuming at step s rebuilds the same rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.batch import IGNORE_INDEX, Batch
+from engine.config import Config, ConfigError, expand_path
+from engine.models.omni import text_vocab_size
+
+from .cache import file_lock
+from .errors import DataError
+from .omni_packing import OmniSample, pack_rows
+from .packing import PackedTextDataset
+from .records import SkipCounter, expand_data_paths
+from .token_shards import TokenShards, is_prepared
+from .tokenize_corpus import EncodeSpec, prepare_folder
+
+log = logging.getLogger(__name__)
+
+_OPEN_ROWS = 8  # first-fit looks this many rows back before closing the oldest
+
+
+# ---- tokenizer and shards ----------------------------------------------------------------
+def resolve_tokenizer(cfg: Config) -> str:
+    """`data.tokenizer` when it is a path, else model.init_from's folder when it holds a
+    tokenizer; the trained kinds (sentencepiece, bpe) are for the built-in corpora."""
+    d = cfg.data
+    if d.tokenizer not in ("sentencepiece", "bpe"):
+        return str(expand_path(d.tokenizer))
+    if cfg.model.init_from:
+        folder = expand_path(cfg.model.init_from)
+        if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+            return str(folder)
+    raise ConfigError(f"config key 'data.tokenizer'={d.tokenizer!r} trains a tokenizer on the built-in corpus; "
+                      f"data.dataset={d.dataset} needs the tokenizer of your model: set data.tokenizer to a Hugging "
+                      "Face tokenizer folder (or .json / sentencepiece .model), or model.init_from to a folder with one")
+
+
+def load_shards(cfg: Config, entries: list[str], key: str) -> TokenShards:
+    """One source: the prepared folder named by `entries`, or their files tokenised into the cache."""
+    spec = EncodeSpec(kind=cfg.data.dataset, tokenizer=resolve_tokenizer(cfg), text_field=cfg.data.text_field,
+                      chat_template=str(expand_path(cfg.data.chat_template)) if cfg.data.chat_template else None,
+                      train_on=cfg.data.train_on)
+    if len(entries) == 1 and is_prepared(expand_path(entries[0])):
+        shards = TokenShards(expand_path(entries[0]))
+        made = shards.meta["tokenizer"].get("spec", {})
+        if shards.kind != spec.kind or made.get("train_on", spec.train_on) != spec.train_on:
+            raise DataError(f"config key '{key}' folder {entries[0]} was prepared as {shards.kind} "
+                            f"(train_on={made.get('train_on')}), not {spec.kind} (train_on={spec.train_on}); "
+                            "prepare it again with tools/prepare_data.py")
+    else:
+        files = expand_data_paths(entries, key)
+        folder = expand_path(cfg.data.cache_dir) / "prepared" / spec.fingerprint(files)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(folder.parent / f".{folder.name}.lock"):  # every rank may get here: one tokenises
+            if not is_prepared(folder):
+                prepare_folder(files, folder, spec, processes=1, strict=cfg.data.strict)
+        shards = TokenShards(folder)
+        if cfg.data.strict and shards.skipped:  # cached by a lenient run: find the first bad row again
+            prepare_folder(files, folder.with_name(folder.name + ".strict"), spec, processes=1, strict=True)
+    if cfg.data.strict and shards.skipped:
+        raise DataError(f"config key '{key}' folder {entries[0]} was prepared with bad rows left out {shards.skipped} "
+                        "(data.strict=true); prepare it with --data.strict=true to see the first one")
+    vocab = int(shards.meta["tokenizer"]["vocab_size"])
+    n_text = text_vocab_size(cfg.model)
+    if vocab > n_text:
+        raise ConfigError(f"tokenizer {spec.tokenizer} has {vocab} ids but the model has {n_text} text ids "
+                          f"(config key 'model.vocab_size'={cfg.model.vocab_size}); raise model.vocab_size to at "
+                          "least the tokenizer's size")
+    if len(shards) == 0:
+        raise DataError(f"config key '{key}' {entries}: no usable rows (skipped: {shards.skipped}); check the files "
+                        "and data.text_field / the messages")
+    return shards
+
+
+# ---- sources: items of one data.path entry ---------------------------------------------
+class TextWindows:
+    """Windows of seq_len tokens over a source's document stream (items of equal length)."""
+
+    def __init__(self, shards: TokenShards, seq_len: int, seed: int, keep: np.ndarray | None = None):
+        try:
+            self.windows = PackedTextDataset(shards.tokens, shards.doc_offsets[:-1], seq_len, seed)
+        except ValueError as e:
+            raise DataError(f"{shards.folder}: {e}") from None
+        self.keep = np.arange(len(self.windows)) if keep is None else keep
+        self.skipped = dict(shards.skipped)
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def length(self, i: int) -> int:
+        return self.windows.seq_len
+
+    def sample(self, i: int) -> dict[str, np.ndarray]:
+        return self.windows[int(self.keep[i])]
+
+
+class Conversations:
+    """Whole samples with their target masks; too-long ones are dropped (counted) or cut."""
+
+    def __init__(self, shards: TokenShards, seq_len: int, truncate: bool, strict: bool,
+                 keep: np.ndarray | None = None):
+        self.shards, self.seq_len = shards, seq_len
+        lengths = shards.lengths()
+        ids = np.arange(len(lengths)) if keep is None else keep
+        long = lengths[ids] > seq_len
+        if long.any() and not truncate:
+            if strict:
+                raise DataError(f"{shards.folder}: sample {int(ids[long][0])} has {int(lengths[ids][long][0])} tokens, "
+                                f"more than data.seq_len={seq_len} (data.strict=true); raise data.seq_len, set "
+                                "data.truncate=true, or data.strict=false to skip and count")
+            ids = ids[~long]
+        self.keep = ids
+        self.lengths = np.minimum(lengths[ids], seq_len)
+        self.skipped = dict(shards.skipped)
+        if long.any():
+            self.skipped["truncated" if truncate else "too_long"] = int(long.sum())
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def length(self, i: int) -> int:
+        return int(self.lengths[i])
+
+    def sample(self, i: int) -> OmniSample:
+        ids, mask = self.shards.document(int(self.keep[i]))
+        ids, mask = ids[:self.seq_len], mask[:self.seq_len]
+        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+        labels[:-1] = np.where(mask[1:], ids[1:], IGNORE_INDEX)
+        return OmniSample(ids.tolist(), labels.tolist())
+
+
+def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) item ids: a seeded `fraction` of the n items, at least one."""
+    perm = np.random.default_rng([seed, 0x5EED]).permutation(n)
+    cut = max(1, round(n * fraction))
+    if cut >= n:
+        raise DataError(f"config key 'data.eval_fraction' holds out all {n} items; lower it or set data.eval_path")
+    return np.sort(perm[cut:]), np.sort(perm[:cut])
+
+
+# ---- the stream of draws and the rows ----------------------------------------------------
+class Draws:
+    """Draw k -> (source, item): greedy blending over the weights, seeded epochs per source."""
+
+    def __init__(self, sizes: list[int], weights: list[float] | None, seed: int):
+        self.sizes, self.seed = sizes, seed
+        w = np.asarray(weights if weights else [1.0] * len(sizes), dtype=np.float64)
+        self.weights = w / w.sum()
+        self.source = np.zeros(0, dtype=np.int32)
+        self.ordinal = np.zeros(0, dtype=np.int64)
+        self._taken = np.zeros(len(sizes), dtype=np.int64)
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def _extend(self, upto: int) -> None:
+        start = len(self.source)
+        new_src = np.empty(upto - start, dtype=np.int32)
+        new_ord = np.empty(upto - start, dtype=np.int64)
+        for j, k in enumerate(range(start, upto)):
+            s = 0 if len(self.sizes) == 1 else int(np.argmax(self.weights * (k + 1) - self._taken))
+            new_src[j], new_ord[j] = s, self._taken[s]
+            self._taken[s] += 1
+        self.source = np.concatenate([self.source, new_src])
+        self.ordinal = np.concatenate([self.ordinal, new_ord])
+
+    def __getitem__(self, k: int) -> tuple[int, int]:
+        if k >= len(self.source):
+            self._extend(max(k + 1, 2 * len(self.source), 1024))
+        s, n = int(self.source[k]), int(self.ordinal[k])
+        size = self.sizes[s]
+        epoch = n // size
+        perm = self._perms.get((s, epoch))
+        if perm is None:
+            perm = np.random.default_rng([self.seed, s, epoch]).permutation(size)
+            self._perms = {key: v for key, v in self._perms.items() if key[0] != s or key[1] >= epoch - 1}
+            self._perms[(s, epoch)] = perm
+        return s, int(perm[n % size])
+
+
+class UserData:
+    """The DataSource of the text and conversations datasets."""
+
+    def __init__(self, sources: list, names: list[str], weights: list[float] | None, seq_len: int, seed: int,
+                 pad_id: int, packed: bool):
+        self.sources, self.names, self.seq_len, self.pad_id, self.packed = sources, names, seq_len, pad_id, packed
+        self.draws = Draws([len(s) for s in sources], weights, seed)
+        self.rows: list[list[tuple[int, int]]] = []  # global row -> [(source, item)]
+        self._open: list[tuple[int, list]] = []  # first-fit candidates: (tokens used, draws)
+        self._next_draw = 0
+        self.closed = False
+
+    def skipped_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.sources:
+            for k, v in s.skipped.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def finish_pass(self) -> int:
+        """Make the rows exactly one pass over the items (a validation set) and return how
+        many there are; rows past them are empty (all padding, no targets)."""
+        total = sum(len(s) for s in self.sources)
+        while self._next_draw < total:
+            self._row(len(self.rows))
+        self.rows.extend(slot[1] for slot in self._open)
+        self._open, self.closed = [], True
+        return len(self.rows)
+
+    def _row(self, r: int) -> list[tuple[int, int]]:
+        if self.closed:
+            return self.rows[r] if r < len(self.rows) else []
+        while len(self.rows) <= r:
+            if not self.packed:  # text windows fill a row each
+                self.rows.append([self.draws[self._next_draw]])
+                self._next_draw += 1
+                continue
+            s, i = self.draws[self._next_draw]
+            self._next_draw += 1
+            n = self.sources[s].length(i)
+            for slot in self._open:
+                if slot[0] + n <= self.seq_len:
+                    slot[0] += n
+                    slot[1].append((s, i))
+                    break
+            else:
+                self._open.append([n, [(s, i)]])
+                if len(self._open) > _OPEN_ROWS:
+                    self.rows.append(self._open.pop(0)[1])
+        return self.rows[r]
+
+    def batch(self, rows: list[int]) -> Batch:
+        if self.packed:
+            samples = [[self.sources[s].sample(i) for s, i in self._row(r)] for r in rows]
+            batch = pack_rows(samples, self.seq_len, self.pad_id, {}, [], {})
+            groups = [[s for s, i in self._row(r) for _ in range(self.sources[s].length(i))] for r in rows]
+            loss_groups = torch.full_like(batch.input_ids, -1)
+            for j, g in enumerate(groups):
+                loss_groups[j, :len(g)] = torch.tensor(g, dtype=torch.long)
+        else:
+            picked = [(self._row(r) or [(0, 0)])[0] for r in rows]  # an empty row: any window, no targets
+            samples = [self.sources[s].sample(i) for s, i in picked]
+            batch = Batch(**{k: torch.from_numpy(np.stack([x[k] for x in samples])).long() for k in samples[0]})
+            empty = torch.tensor([not self._row(r) for r in rows])
+            if empty.any():
+                batch = batch.replace(labels=batch.labels.masked_fill(empty[:, None], IGNORE_INDEX))
+            loss_groups = torch.tensor([[s] for s, _ in picked]).expand_as(batch.input_ids)
+        if len(self.sources) > 1:
+            batch = batch.replace(loss_groups=loss_groups.masked_fill(batch.labels == IGNORE_INDEX, -1).contiguous(),
+                                  loss_group_names=tuple(self.names))
+        return batch
+
+    def micro_batches(self, step, global_batch_size, dp_rank, dp_size, micro_batch_size) -> list[Batch]:
+        per_rank = global_batch_size // dp_size
+        first = step * global_batch_size + dp_rank * per_rank
+        return [self.batch(list(range(lo, lo + micro_batch_size)))
+                for lo in range(first, first + per_rank, micro_batch_size)]
+
+
+
+def _names(entries: list[str]) -> list[str]:
+    names = [Path(str(e).rstrip("/*")).stem or f"source{i}" for i, e in enumerate(entries)]
+    return [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+
+
+def build_user_data(cfg: Config, evaluation: bool = False) -> UserData | None:
+    """The training data, or (evaluation) the validation data (None when there is none)."""
+    d = cfg.data
+    if not d.path:
+        raise ConfigError(f"data.dataset={d.dataset} needs config key 'data.path': a file, folder, glob or list of them")
+    if evaluation and not d.eval_path and not d.eval_fraction:
+        return None
+    packed = d.dataset == "conversations"
+    groups = [[e] for e in d.path] if d.weights else [list(d.path)]
+    names = _names(d.path) if d.weights else ["data"]
+    if evaluation and d.eval_path:
+        groups, names = [list(d.eval_path)], ["eval"]
+    sources = []
+    for entries in groups:
+        shards = load_shards(cfg, entries, "data.eval_path" if evaluation and d.eval_path else "data.path")
+        make = (lambda keep, s=shards: TextWindows(s, d.seq_len, cfg.train.seed, keep)) if not packed else \
+            (lambda keep, s=shards: Conversations(s, d.seq_len, d.truncate, d.strict, keep))
+        if d.eval_fraction and not d.eval_path:
+            n = len(shards) if packed else len(make(None))
+            train, held = split_holdout(n, d.eval_fraction, cfg.train.seed)
+            sources.append(make(held if evaluation else train))
+        else:
+            sources.append(make(None))
+    for s, name in zip(sources, names):
+        if len(s) == 0:
+            raise DataError(f"source {name!r} has no sample that fits data.seq_len={d.seq_len} (skipped: {s.skipped}); "
+                            "raise data.seq_len or set data.truncate=true")
+    pad_id = 0
+    return UserData(sources, names, None if evaluation else d.weights, d.seq_len,
+                    cfg.train.seed + (1 if evaluation else 0), pad_id, packed)
