@@ -274,3 +274,20 @@ def test_one_process_equals_fsdp2_and_sp2(sft_dir, tmp_path, dataset):
         for other in (ref, fsdp, sp):
             assert all({"loss_lm/text", "loss_lm/more"} <= set(r) for r in other)
         assert_close([r["loss_lm/more"] for r in ref], [r["loss_lm/more"] for r in sp], rel=1e-5)
+
+
+def test_a_folder_prepared_with_another_tokenizer_is_refused(sft_dir, tmp_path):
+    other = tmp_path / "other_tok"
+    sft.make_tokenizer(other, ["some other words entirely"] * 50, vocab_size=300)
+    prepare_folder([sft_dir / "conversations.jsonl"], tmp_path / "prep", EncodeSpec("conversations", str(other)))
+    with pytest.raises(DataError, match="was tokenised with another tokenizer or chat template"):
+        build_user_data(config(sft_dir, tmp_path, **{"data.path": tmp_path / "prep"}))
+
+
+def test_packing_memory_stays_flat_and_rows_are_a_pure_function_of_the_step(sft_dir, tmp_path):
+    cfg = config(sft_dir, tmp_path, **{"data.seq_len": 256})
+    a, b = build_user_data(cfg), build_user_data(cfg)
+    late = a.micro_batches(400, 8, 0, 1, 8)[0]  # far past one block: only block row counts are kept
+    assert len(a._blocks) <= 4 and len(a._block_starts) > 3
+    early_then_late = [b.micro_batches(s, 8, 0, 1, 8)[0] for s in (1, 400)][1]
+    assert torch.equal(late.input_ids, early_then_late.input_ids) and torch.equal(late.labels, early_then_late.labels)

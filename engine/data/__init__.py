@@ -4,22 +4,50 @@ Free of ``torch.distributed``: data-parallel ranks are passed in as plain ints. 
 listed in ``__all__`` is the public API that dataset plugins (``data.plugins``) build on.
 """
 
-from engine.batch import IGNORE_INDEX, Batch
-from engine.data.cache import build_once, file_lock
-from engine.data.corpus import ensure_corpus, load_documents
-from engine.data.errors import DataError
-from engine.data.omni_packing import OmniSample, PushBackIterator, fill_rows, micro_batches_of_rows, pack_rows
-from engine.data.packing import (
-    PackedTextDataset,
-    cu_seqlens_from_doc_ids,
-    doc_starts_from_eos,
-    load_or_tokenize,
-    micro_batches,
-)
-from engine.data.source import DATASETS, DataSource, get_dataset, register_dataset
-from engine.data.sources import build_train_data, prepare_data, text_stream
-from engine.data.text_dataset import build_text_dataset
-from engine.data.tokenizer import JsonTokenizer, Tokenizer, TokenizerError, load_or_train_tokenizer, load_tokenizer
+import importlib
+
+_EXPORTS = {  # name -> module, imported on first use (a tokenising worker needs no torch)
+    "Batch": "engine.batch",
+    "DATASETS": "engine.data.source",
+    "DataError": "engine.data.errors",
+    "DataSource": "engine.data.source",
+    "IGNORE_INDEX": "engine.batch",
+    "JsonTokenizer": "engine.data.tokenizer",
+    "OmniSample": "engine.data.omni_packing",
+    "PackedTextDataset": "engine.data.packing",
+    "PushBackIterator": "engine.data.omni_packing",
+    "Tokenizer": "engine.data.tokenizer",
+    "TokenizerError": "engine.data.tokenizer",
+    "build_once": "engine.data.cache",
+    "build_text_dataset": "engine.data.text_dataset",
+    "build_train_data": "engine.data.sources",
+    "cu_seqlens_from_doc_ids": "engine.data.packing",
+    "doc_starts_from_eos": "engine.data.packing",
+    "ensure_corpus": "engine.data.corpus",
+    "file_lock": "engine.data.cache",
+    "fill_rows": "engine.data.omni_packing",
+    "get_dataset": "engine.data.source",
+    "load_documents": "engine.data.corpus",
+    "load_or_tokenize": "engine.data.packing",
+    "load_or_train_tokenizer": "engine.data.tokenizer",
+    "load_tokenizer": "engine.data.tokenizer",
+    "micro_batches": "engine.data.packing",
+    "micro_batches_of_rows": "engine.data.omni_packing",
+    "pack_rows": "engine.data.omni_packing",
+    "prepare_data": "engine.data.sources",
+    "register_dataset": "engine.data.source",
+    "text_stream": "engine.data.sources",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DATASETS",

@@ -2,7 +2,8 @@
 
 The way Megatron preprocesses data: the corpus is tokenised once (in parallel processes,
 `tools/prepare_data.py`, or on the fly into the cache for small sets) and training reads
-the shards lazily through `np.memmap`, so a reader's memory does not grow with the corpus.
+the shards lazily through `np.memmap`: a reader holds no tokens, only the document offsets
+(8 bytes per document: 4 MB for 2 GB of tokens in 1,000-token documents).
 
 A prepared folder holds `prepared.json` and, per shard NAME:
     NAME.tokens    uint32 token ids of all its documents, back to back

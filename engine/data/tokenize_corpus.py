@@ -44,13 +44,21 @@ class EncodeSpec:
 
     def fingerprint(self, files: list[Path]) -> str:
         """Changes when a file, the tokenizer, the template or an option changes."""
-        h = hashlib.sha256(repr(sorted(asdict(self).items())).encode())
+        h = hashlib.sha256(repr(sorted(asdict(self).items())).encode() + self.tokenizer_fingerprint().encode())
         for f in files:
             st = f.stat()
             h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+
+    def tokenizer_fingerprint(self) -> str:
+        """The tokenizer's and template's content (not their paths): a prepared folder made
+        with another tokenizer is refused."""
+        h = hashlib.sha256()
         tok = Path(self.tokenizer)
-        for f in sorted(tok.iterdir()) if tok.is_dir() else [tok]:
-            if f.is_file() and f.stat().st_size < 64 << 20:
+        names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
+                 "special_tokens_map.json")
+        for f in sorted(p for p in tok.iterdir() if p.name in names) if tok.is_dir() else [tok]:
+            if f.is_file():
                 h.update(f.name.encode() + f.read_bytes())
         if self.chat_template:
             h.update(Path(self.chat_template).read_bytes())
@@ -155,11 +163,14 @@ def prepare_folder(files: list[Path], out: Path, spec: EncodeSpec, processes: in
             with mp.get_context("spawn").Pool(processes, initializer=_init_worker, initargs=(spec,)) as pool:
                 results = pool.map(_encode_unit, jobs, chunksize=1)
         skipped = sum((c for _, c in results), Counter())
-        tokenizer = {"path": spec.tokenizer, "vocab_size": _vocab_size(spec), "spec": asdict(spec)}
+        tokenizer = {"path": spec.tokenizer, "vocab_size": _vocab_size(spec), "spec": asdict(spec),
+                     "fingerprint": spec.tokenizer_fingerprint()}
         meta = write_meta(tmp, [r for r, _ in results], spec.kind, tokenizer, skipped, [str(f) for f in files])
-        if out.exists():
-            shutil.rmtree(out)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():  # swapped by two renames: a crash leaves the old or the new folder whole
+            os.replace(out, old)
         os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     meta["seconds"] = time.perf_counter() - start

@@ -14,9 +14,9 @@ Both read token shards (engine/data/token_shards.py): a folder made by
 Batches are a pure function of the step, the same for every layout: draw k of the
 sample stream is a (source, item) pair, blended over `data.weights` by Megatron's greedy
 rule (each source as close to its share as possible after every draw) and, within a
-source, its k-th item in a seeded per-epoch permutation; rows are built from draws in
-order, row r of the run is global row r, step s takes rows [s*G, (s+1)*G). The index is
-built once (and extended lazily); resuming at step s rebuilds the same rows.
+source, an item of a seeded per-epoch permutation (`Draws`); rows are built from draws in
+order (`UserData`), step s takes global rows [s*G, (s+1)*G). Only the length index of the
+samples is read to pack; resuming at step s re-packs the index up to there, never data.
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ def load_shards(cfg: Config, entries: list[str], key: str) -> TokenShards:
     if len(entries) == 1 and is_prepared(expand_path(entries[0])):
         shards = TokenShards(expand_path(entries[0]))
         made = shards.meta["tokenizer"].get("spec", {})
+        if shards.meta["tokenizer"].get("fingerprint") != spec.tokenizer_fingerprint():
+            raise DataError(f"config key '{key}' folder {entries[0]} was tokenised with another tokenizer or chat "
+                            f"template ({shards.meta['tokenizer']['path']}) than {spec.tokenizer}; prepare it again "
+                            "with tools/prepare_data.py and this config")
         if shards.kind != spec.kind or made.get("train_on", spec.train_on) != spec.train_on:
             raise DataError(f"config key '{key}' folder {entries[0]} was prepared as {shards.kind} "
                             f"(train_on={made.get('train_on')}), not {spec.kind} (train_on={spec.train_on}); "
@@ -165,53 +169,75 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
 
 # ---- the stream of draws and the rows ----------------------------------------------------
 class Draws:
-    """Draw k -> (source, item): greedy blending over the weights, seeded epochs per source."""
+    """Draw k -> (source, item), a pure function of k.
 
-    def __init__(self, sizes: list[int], weights: list[float] | None, seed: int):
-        self.sizes, self.seed = sizes, seed
+    Sources are blended by Megatron's greedy rule (each draw goes to the source furthest
+    below its share) over a fixed pattern of `CHUNK` draws, repeated: draw k is pattern
+    position k % CHUNK of chunk k // CHUNK, so nothing grows with the step. Within a source,
+    its n-th draw is item perm_e[n % size] of the seeded permutation of epoch e = n // size.
+    `sequential` (validation): draw k is simply the k-th item, sources one after another.
+    """
+
+    CHUNK = 1 << 16
+
+    def __init__(self, sizes: list[int], weights: list[float] | None, seed: int, sequential: bool = False):
+        self.sizes, self.seed, self.sequential = sizes, seed, sequential
+        self.bases = np.cumsum([0, *sizes])
         w = np.asarray(weights if weights else [1.0] * len(sizes), dtype=np.float64)
-        self.weights = w / w.sum()
-        self.source = np.zeros(0, dtype=np.int32)
-        self.ordinal = np.zeros(0, dtype=np.int64)
-        self._taken = np.zeros(len(sizes), dtype=np.int64)
+        w = w / w.sum()
+        self.pattern = np.zeros(self.CHUNK if len(sizes) > 1 else 0, dtype=np.int32)
+        self.within = np.zeros(len(self.pattern), dtype=np.int64)  # the source's draws before, in the chunk
+        taken = np.zeros(len(sizes), dtype=np.int64)
+        for k in range(len(self.pattern)):
+            src = int(np.argmax(w * (k + 1) - taken))
+            self.pattern[k], self.within[k] = src, taken[src]
+            taken[src] += 1
+        self.per_chunk = taken
         self._perms: dict[tuple[int, int], np.ndarray] = {}
 
-    def _extend(self, upto: int) -> None:
-        start = len(self.source)
-        new_src = np.empty(upto - start, dtype=np.int32)
-        new_ord = np.empty(upto - start, dtype=np.int64)
-        for j, k in enumerate(range(start, upto)):
-            s = 0 if len(self.sizes) == 1 else int(np.argmax(self.weights * (k + 1) - self._taken))
-            new_src[j], new_ord[j] = s, self._taken[s]
-            self._taken[s] += 1
-        self.source = np.concatenate([self.source, new_src])
-        self.ordinal = np.concatenate([self.ordinal, new_ord])
+    @property
+    def total(self) -> int:
+        return int(self.bases[-1])
 
     def __getitem__(self, k: int) -> tuple[int, int]:
-        if k >= len(self.source):
-            self._extend(max(k + 1, 2 * len(self.source), 1024))
-        s, n = int(self.source[k]), int(self.ordinal[k])
-        size = self.sizes[s]
+        if self.sequential:
+            src = int(np.searchsorted(self.bases, k, side="right")) - 1
+            return src, k - int(self.bases[src])
+        if len(self.sizes) == 1:
+            src, n = 0, k
+        else:
+            chunk, j = divmod(k, self.CHUNK)
+            src = int(self.pattern[j])
+            n = chunk * int(self.per_chunk[src]) + int(self.within[j])
+        size = self.sizes[src]
         epoch = n // size
-        perm = self._perms.get((s, epoch))
+        perm = self._perms.get((src, epoch))
         if perm is None:
-            perm = np.random.default_rng([self.seed, s, epoch]).permutation(size)
-            self._perms = {key: v for key, v in self._perms.items() if key[0] != s or key[1] >= epoch - 1}
-            self._perms[(s, epoch)] = perm
-        return s, int(perm[n % size])
+            perm = np.random.default_rng([self.seed, src, epoch]).permutation(size)
+            self._perms = {key: v for key, v in self._perms.items() if key[0] != src or key[1] >= epoch - 1}
+            self._perms[(src, epoch)] = perm
+        return src, int(perm[n % size])
 
 
 class UserData:
-    """The DataSource of the text and conversations datasets."""
+    """The DataSource of the text and conversations datasets.
+
+    Text: row r is draw r (a window fills a row). Conversations: draws are packed in blocks
+    of `BLOCK` draws, first-fit over a few open rows, all rows closed at the block's end;
+    only each block's row count is kept (and the rows of the last few blocks), so memory
+    does not grow with the step and a resumed run re-packs only the index, not the data.
+    `evaluation`: one sequential pass over the items; rows past it are empty (no targets).
+    """
+
+    BLOCK = 1024
 
     def __init__(self, sources: list, names: list[str], weights: list[float] | None, seq_len: int, seed: int,
-                 pad_id: int, packed: bool):
+                 pad_id: int, packed: bool, evaluation: bool = False):
         self.sources, self.names, self.seq_len, self.pad_id, self.packed = sources, names, seq_len, pad_id, packed
-        self.draws = Draws([len(s) for s in sources], weights, seed)
-        self.rows: list[list[tuple[int, int]]] = []  # global row -> [(source, item)]
-        self._open: list[tuple[int, list]] = []  # first-fit candidates: (tokens used, draws)
-        self._next_draw = 0
-        self.closed = False
+        self.evaluation = evaluation
+        self.draws = Draws([len(s) for s in sources], weights, seed, sequential=evaluation)
+        self._block_starts = [0]  # first global row of each packed block
+        self._blocks: dict[int, list[list[tuple[int, int]]]] = {}
 
     def skipped_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -220,37 +246,61 @@ class UserData:
                 out[k] = out.get(k, 0) + v
         return out
 
-    def finish_pass(self) -> int:
-        """Make the rows exactly one pass over the items (a validation set) and return how
-        many there are; rows past them are empty (all padding, no targets)."""
-        total = sum(len(s) for s in self.sources)
-        while self._next_draw < total:
-            self._row(len(self.rows))
-        self.rows.extend(slot[1] for slot in self._open)
-        self._open, self.closed = [], True
-        return len(self.rows)
+    def num_rows(self) -> int:
+        """Rows of the validation pass."""
+        assert self.evaluation
+        if not self.packed:
+            return self.draws.total
+        blocks = -(-self.draws.total // self.BLOCK)
+        self._locate(float("inf"), blocks)
+        return self._block_starts[min(blocks, len(self._block_starts) - 1)]
 
-    def _row(self, r: int) -> list[tuple[int, int]]:
-        if self.closed:
-            return self.rows[r] if r < len(self.rows) else []
-        while len(self.rows) <= r:
-            if not self.packed:  # text windows fill a row each
-                self.rows.append([self.draws[self._next_draw]])
-                self._next_draw += 1
-                continue
-            s, i = self.draws[self._next_draw]
-            self._next_draw += 1
+    def _pack_block(self, b: int) -> list[list[tuple[int, int]]]:
+        rows, open_rows = [], []  # open: [tokens used, draws]
+        last = self.draws.total if self.evaluation else None
+        for k in range(b * self.BLOCK, (b + 1) * self.BLOCK):
+            if last is not None and k >= last:
+                break
+            s, i = self.draws[k]
             n = self.sources[s].length(i)
-            for slot in self._open:
+            for slot in open_rows:
                 if slot[0] + n <= self.seq_len:
                     slot[0] += n
                     slot[1].append((s, i))
                     break
             else:
-                self._open.append([n, [(s, i)]])
-                if len(self._open) > _OPEN_ROWS:
-                    self.rows.append(self._open.pop(0)[1])
-        return self.rows[r]
+                open_rows.append([n, [(s, i)]])
+                if len(open_rows) > _OPEN_ROWS:
+                    rows.append(open_rows.pop(0)[1])
+        return rows + [slot[1] for slot in open_rows]
+
+    def _block(self, b: int) -> list[list[tuple[int, int]]]:
+        if b not in self._blocks:
+            if len(self._blocks) >= 4:
+                self._blocks.pop(min(self._blocks))
+            self._blocks[b] = self._pack_block(b)
+        return self._blocks[b]
+
+    def _locate(self, r: float, max_blocks: int | None = None) -> tuple[int, int] | None:
+        """(block, row within it) of global row r, packing blocks' index as far as needed."""
+        while self._block_starts[-1] <= r:
+            b = len(self._block_starts) - 1
+            if max_blocks is not None and b >= max_blocks:
+                return None
+            self._block_starts.append(self._block_starts[-1] + len(self._block(b)))
+        b = int(np.searchsorted(self._block_starts, r, side="right")) - 1
+        return b, int(r - self._block_starts[b])
+
+    def _row(self, r: int) -> list[tuple[int, int]]:
+        if not self.packed:
+            return [self.draws[r]] if not self.evaluation or r < self.draws.total else []
+        if self.evaluation:
+            where = self._locate(r, -(-self.draws.total // self.BLOCK))
+            if where is None:
+                return []
+        else:
+            where = self._locate(r)
+        return self._block(where[0])[where[1]]
 
     def batch(self, rows: list[int]) -> Batch:
         if self.packed:
@@ -314,5 +364,5 @@ def build_user_data(cfg: Config, evaluation: bool = False) -> UserData | None:
             raise DataError(f"source {name!r} has no sample that fits data.seq_len={d.seq_len} (skipped: {s.skipped}); "
                             "raise data.seq_len or set data.truncate=true")
     pad_id = 0
-    return UserData(sources, names, None if evaluation else d.weights, d.seq_len,
-                    cfg.train.seed + (1 if evaluation else 0), pad_id, packed)
+    return UserData(sources, names, None if evaluation else d.weights, d.seq_len, cfg.train.seed, pad_id, packed,
+                    evaluation=evaluation)

@@ -65,7 +65,7 @@ class Trainer:
         initial_weights_(self.model, self.cfg, ctx.device, resuming=resume_from is not None)
         self.data = build_train_data(self.cfg)
         self.eval_data = build_eval_data(self.cfg)
-        self.eval_rows = self.eval_data.finish_pass() if self.eval_data is not None else 0
+        self.eval_rows = self.eval_data.num_rows() if self.eval_data is not None else 0
         self.optimizer = build_optimizer(self.model, self.cfg.train)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.train)
         self._resume(resume_from)
