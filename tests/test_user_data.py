@@ -291,3 +291,17 @@ def test_packing_memory_stays_flat_and_rows_are_a_pure_function_of_the_step(sft_
     assert len(a._blocks) <= 4 and len(a._block_starts) > 3
     early_then_late = [b.micro_batches(s, 8, 0, 1, 8)[0] for s in (1, 400)][1]
     assert torch.equal(late.input_ids, early_then_late.input_ids) and torch.equal(late.labels, early_then_late.labels)
+
+
+def test_validation_pass_covers_every_held_out_sample_once(sft_dir, tmp_path):
+    rows = [json.loads(line) for line in (sft_dir / "conversations.jsonl").read_text().splitlines()][:25]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config(sft_dir, tmp_path, **{"data.eval_path": tmp_path / "eval.jsonl", "data.seq_len": 256})
+    data = build_user_data(cfg, evaluation=True)
+    kept = len(data.sources[0])
+    assert kept == 25 - data.skipped_counts().get("too_long", 0) > 0
+    n_rows = data.num_rows()
+    seen = sorted(i for r in range(n_rows) for _, i in data._row(r))
+    assert seen == list(range(kept)) and data._row(n_rows) == []
+    batch = data.micro_batches(-(-n_rows // 8), 8, 0, 1, 8)[0]  # past the pass: no targets
+    assert bool((batch.labels == -100).all())
