@@ -45,6 +45,9 @@ class ModelConfig:
     """Per-head width; None = hidden_size // num_heads (Qwen3 sets it explicitly)."""
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None
+    mrope_section: Optional[list[int]] = None
+    """Multimodal RoPE (Qwen2-VL): rotary bands per position axis (temporal, height, width),
+    summing to head_dim / 2; batches then carry [3, B, S] positions."""
     """None, {type: linear, factor: F} or Llama 3's {type: llama3, factor, low_freq_factor,
     high_freq_factor, original_max_position_embeddings}."""
     max_position_embeddings: int = 4096
@@ -396,6 +399,11 @@ def validate(cfg: Config) -> None:
                           f"{m.num_heads}: change one of them or set model.head_dim")
     if (m.head_dim or m.hidden_size // m.num_heads) % 2:
         raise ConfigError("config key 'model.head_dim' must be even for rotary embeddings")
+    if m.mrope_section is not None:
+        head_dim = m.head_dim or m.hidden_size // m.num_heads
+        if sum(m.mrope_section) != head_dim // 2 or min(m.mrope_section) < 0 or len(m.mrope_section) != 3:
+            raise ConfigError(f"config key 'model.mrope_section'={m.mrope_section} must be 3 bands summing to "
+                              f"head_dim / 2 = {head_dim // 2}")
     if m.rope_scaling is not None:
         kind = m.rope_scaling.get("type", m.rope_scaling.get("rope_type"))
         if kind not in ("linear", "llama3", "default"):

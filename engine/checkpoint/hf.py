@@ -46,6 +46,8 @@ from .safetensors_io import TensorSpec, read_header
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+# Whole multimodal checkpoints (engine.load_pretrained only, for now; see qwen2_vl.py).
+MULTIMODAL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration",)
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                 "Qwen3MoeForCausalLM": "qwen3_moe"}
 _ROPE_TYPES = ("default", "linear", "llama3")
@@ -135,7 +137,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"{source}: architecture {arch!r} is not supported: supported architectures are "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+            f"{', '.join(SUPPORTED_ARCHITECTURES + MULTIMODAL_ARCHITECTURES)}")
 
     def need(key: str):
         if hf.get(key) is None:
@@ -548,7 +550,20 @@ def load_weights_(model: nn.Module, source: str | Path | WeightFolder,
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> nn.Module:
     """A one-process model (`DenseTransformer`, or `MoETransformer` for Qwen3-MoE) with the weights
-    of a Hugging Face (or imported) folder; `model(input_ids)` -> logits."""
+    of a Hugging Face (or imported) folder; `model(input_ids)` -> logits. A Qwen2-VL folder gives
+    our omni model behind transformers' keyword arguments (engine/checkpoint/qwen2_vl.py)."""
+    config = Path(path) / "config.json"
+    if config.is_file():
+        try:
+            arch = (json.loads(config.read_text()).get("architectures") or [None])[0]
+        except json.JSONDecodeError:
+            raise HFCheckpointError(f"{config} is not valid JSON: re-save the model") from None
+        if arch == "Qwen2VLForConditionalGeneration":
+            from . import qwen2_vl
+
+            return qwen2_vl.load_pretrained(Path(path), dtype, device)
+        if arch is not None and arch not in SUPPORTED_ARCHITECTURES:
+            config_from_hf({"architectures": [arch]}, str(config))  # names the supported ones
     folder = WeightFolder(path)
     cfg = folder.model_config()
     with torch.device("meta"):

@@ -44,7 +44,7 @@ class DenseTransformer(nn.Module):
         self.cfg = cfg
         self.head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.rotary = RotaryEmbedding(self.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary = RotaryEmbedding(self.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.mrope_section)
         self.blocks = nn.ModuleDict({str(i): DenseBlock(cfg, self.head_dim) for i in range(cfg.num_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

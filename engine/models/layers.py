@@ -52,9 +52,17 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float, scaling: Optional[dict] = None):
+    """Rotary cos/sin for positions [B, S]; with `mrope_section` (Qwen2-VL's multimodal
+    RoPE) positions may be [3, B, S] (temporal, height, width): the frequency bands are
+    split into those sections, section i taking its angles from axis i % 3. Text positions
+    (equal on the 3 axes, or [B, S]) give exactly the plain rotary embedding."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: Optional[dict] = None,
+                 mrope_section: Optional[list[int]] = None):
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.mrope_section = list(mrope_section) if mrope_section else None
+        assert self.mrope_section is None or sum(self.mrope_section) == head_dim // 2, "mrope sections != head_dim/2"
         # Non-persistent: recomputed on materialisation, never checkpointed or sharded.
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
 
@@ -63,7 +71,12 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, S, D]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [B, S, D], or [3, B, S, D]
+        if position_ids.dim() == 3:
+            assert self.mrope_section is not None, "[3, B, S] positions need model.mrope_section"
+            chunks = emb.split(self.mrope_section * 2, dim=-1)
+            emb = torch.cat([chunk[i % 3] for i, chunk in enumerate(chunks)], dim=-1)
+        emb = emb[:, None]  # [B, 1, S, D]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

@@ -29,7 +29,8 @@ from engine.config import ModelConfig
 from engine.modalities import call_part, get_decoder, get_encoder
 from engine.plugins import load_plugins
 
-RESERVED_KEYS = ("name", "freeze", "init_from", "recipe", "loss_weight", "activation_checkpointing")
+RESERVED_KEYS = ("name", "freeze", "init_from", "recipe", "loss_weight", "activation_checkpointing", "placeholder",
+                 "project")
 
 
 def part_specs(cfg: ModelConfig) -> list[tuple[str, int, dict]]:
@@ -39,14 +40,18 @@ def part_specs(cfg: ModelConfig) -> list[tuple[str, int, dict]]:
 
 
 def placeholder_ids(cfg: ModelConfig) -> dict[str, int]:
-    """Part name -> its placeholder token id (the last ids of the vocabulary)."""
-    specs = part_specs(cfg)
-    return {spec["name"]: cfg.vocab_size - len(specs) + i for i, (_, _, spec) in enumerate(specs)}
+    """Part name -> its placeholder token id: the spec's `placeholder` (a released checkpoint's
+    own media token, e.g. Qwen2-VL's <|image_pad|>), else one of the last ids of the vocabulary."""
+    specs = [spec for _, _, spec in part_specs(cfg)]
+    implicit = [spec["name"] for spec in specs if spec.get("placeholder") is None]
+    first = cfg.vocab_size - len(implicit)
+    return {spec["name"]: int(spec["placeholder"]) if spec.get("placeholder") is not None
+            else first + implicit.index(spec["name"]) for spec in specs}
 
 
 def text_vocab_size(cfg: ModelConfig) -> int:
-    """Ids available to the text tokenizer."""
-    return cfg.vocab_size - len(part_specs(cfg))
+    """Ids available to the text tokenizer (all but the implicit placeholders)."""
+    return cfg.vocab_size - sum(1 for _, _, spec in part_specs(cfg) if spec.get("placeholder") is None)
 
 
 @dataclass
@@ -127,7 +132,11 @@ class OmniModel(nn.Module):
             self.specs[name], self._where[name] = spec, (kind, i)
             if kind == "encoders":
                 self.encoders[name] = part
-                self.encoder_proj[name] = nn.Linear(part.out_dim, hidden)
+                if spec.get("project", True):
+                    self.encoder_proj[name] = nn.Linear(part.out_dim, hidden)
+                elif part.out_dim != hidden:  # a released model whose encoder already speaks the LM's width
+                    raise ValueError(f"model.{kind}[{i}] ({name}): project=false needs the part's output width "
+                                     f"{part.out_dim} to equal model.hidden_size={hidden}")
             else:
                 part.set_hidden_in(hidden)
                 self.decoders[name] = part
@@ -239,16 +248,23 @@ class OmniModel(nn.Module):
             self._check_count(name, int((ids == self.ph[name]).sum()), part.num_tokens(payload))
         return payload, True
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Sums of cross-entropy per loss ("lm" and each decoder's name) over this batch."""
-        batch = self.layout(batch)
+    def text_logits(self, batch: Batch) -> torch.Tensor:
+        """Logits [B, S, V] of the text head at every position (inference, parity checks)."""
+        hidden, _ = self.hidden_states(self.layout(batch))
+        return self.backbone.logits(hidden)
+
+    def hidden_states(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The backbone's final hidden states [B, S, H] with every part's embeddings placed,
+        and each decoder's target codes. `batch` must carry its placeholder layout."""
         ids = batch.input_ids
         payloads = batch.payloads
         full_sequence = batch.attn_meta is None  # a Ulysses shard cannot check global counts
         emb = self.backbone.embed(ids)
         for name, enc in self.encoders.items():
             payload, real = self._payload(name, enc, payloads, ids, full_sequence)
-            rows = self.encoder_proj[name](call_part(enc, "lm_encode", payload))
+            rows = call_part(enc, "lm_encode", payload)
+            if name in self.encoder_proj:
+                rows = self.encoder_proj[name](rows)
             emb = self._place(emb, ids, self.ph[name], batch.ph_index, rows, name, real)
         codes = {}
         for name, dec in self.decoders.items():
@@ -258,6 +274,12 @@ class OmniModel(nn.Module):
             emb = self._place(emb, ids, self.ph[name], batch.ph_index, rows, name, real)
         hidden = self.backbone(position_ids=batch.position_ids, doc_ids=batch.doc_ids, inputs_embeds=emb,
                                attn_meta=batch.attn_meta, return_hidden=True, token_mask=batch.token_mask)
+        return hidden, codes
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Sums of cross-entropy per loss ("lm" and each decoder's name) over this batch."""
+        batch = self.layout(batch)
+        hidden, codes = self.hidden_states(batch)
         text = self._text_targets(batch.labels)
         logits = self.backbone.logits(hidden[text])
         sums = {"lm": F.cross_entropy(logits.float(), batch.labels[text], reduction="sum")}

@@ -1,0 +1,234 @@
+"""Qwen2-VL checkpoints in: the family's state-dict adapter, the config that composes our
+omni model from registered parts, and a module that takes transformers' keyword arguments.
+
+Composition: the `vision` encoder (weight-compatible with Qwen2-VL's tower) around a dense
+backbone with multimodal rotary positions (`model.mrope_section`). The tower's merger already
+outputs the language model's width, so the encoder has no projection (`project: false`), and
+its placeholder is the checkpoint's own `<|image_pad|>` id; `<|video_pad|>` positions are the
+same part's (one vision part serves images and videos, fed in order of appearance).
+
+Both layouts transformers has written are read: transformers 5's (`text_config` nested,
+weights `model.language_model.*`, `model.visual.*`) and the older flat one (text keys at the
+top, weights `model.layers.*`, `visual.*`). Safetensors only, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from engine.batch import Batch
+from engine.config import ModelConfig
+from engine.data.mrope import mrope_positions
+from engine.models import build_model
+
+ARCHITECTURE = "Qwen2VLForConditionalGeneration"
+
+
+@dataclass(frozen=True)
+class MediaTokens:
+    image: int
+    video: int
+    vision_start: Optional[int]
+    merge: int
+
+
+def _text_config(hf: dict) -> dict:
+    text = dict(hf.get("text_config") or {})
+    if not text:  # the older flat layout: the text model's keys are at the top
+        text = {k: v for k, v in hf.items() if k != "vision_config"}
+    return text
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> tuple[ModelConfig, MediaTokens]:
+    """Our ModelConfig (omni: vision encoder + dense M-RoPE backbone) and the media tokens."""
+    from .hf import HFCheckpointError, config_from_hf as text_config_from_hf
+
+    text = _text_config(hf)
+    rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or hf.get("rope_scaling") or {})
+    section = rope.get("mrope_section")
+    if not section:
+        raise HFCheckpointError(f"{source}: a {ARCHITECTURE} config needs rope mrope_section: add it to config.json")
+    plain = {**text, "architectures": ["Qwen2ForCausalLM"], "rope_parameters": {
+        "rope_type": "default", "rope_theta": rope.get("rope_theta", text.get("rope_theta", 1000000.0))}}
+    plain.pop("rope_scaling", None)
+    plain.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
+    cfg = text_config_from_hf(plain, source)
+    from engine.modalities.vision import VisionEncoder
+
+    vision = VisionEncoder.options_from_hf_config(hf)
+    if vision.get("hidden_size", cfg.hidden_size) != cfg.hidden_size:
+        raise HFCheckpointError(f"{source}: vision_config.hidden_size={vision['hidden_size']} differs from the text "
+                                f"model's hidden_size={cfg.hidden_size}: fix config.json")
+    ids = {k: hf.get(k, text.get(k)) for k in ("image_token_id", "video_token_id", "vision_start_token_id")}
+    if ids["image_token_id"] is None or ids["video_token_id"] is None:
+        raise HFCheckpointError(f"{source}: a {ARCHITECTURE} config needs image_token_id and video_token_id")
+    spec = {"name": "vision", **vision, "project": False, "placeholder": int(ids["image_token_id"])}
+    cfg.encoders = [spec]
+    cfg.mrope_section = [int(s) for s in section]
+    media = MediaTokens(int(ids["image_token_id"]), int(ids["video_token_id"]),
+                        None if ids["vision_start_token_id"] is None else int(ids["vision_start_token_id"]),
+                        int(vision.get("spatial_merge_size", 2)))
+    return cfg, media
+
+
+# ---- the state-dict adapter --------------------------------------------------------------
+def from_hf(name: str) -> Optional[str]:
+    """Our parameter name for a checkpoint tensor name (None: not a parameter)."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    for prefix in ("model.visual.", "visual."):
+        if name.startswith(prefix):
+            return "encoders.vision." + name[len(prefix):]
+    for prefix in ("model.language_model.", "model."):
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            return "backbone." + ("blocks." + rest[len("layers."):] if rest.startswith("layers.") else rest)
+    if name == "lm_head.weight":
+        return "backbone.lm_head.weight"
+    return name
+
+
+def to_hf(name: str) -> str:
+    """transformers 5's tensor name for one of our parameters."""
+    if name.startswith("encoders.vision."):
+        return "model.visual." + name[len("encoders.vision."):]
+    if name == "backbone.lm_head.weight":
+        return "lm_head.weight"
+    rest = name[len("backbone."):]
+    return "model.language_model." + ("layers." + rest[len("blocks."):] if rest.startswith("blocks.") else rest)
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    from .hf import HFCheckpointError
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise HFCheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json: pass a Hugging Face "
+                            "model folder saved with safetensors")
+
+
+@torch.no_grad()
+def load_weights_(model: nn.Module, folder: Path) -> int:
+    """Stream the checkpoint's tensors into `model` (one process), strictly: every parameter
+    filled once, shapes checked by name."""
+    from .hf import KeyMismatchError, ShapeMismatchError
+
+    params = dict(model.named_parameters())
+    seen, total = set(), 0
+    for file in _safetensors_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                ours = from_hf(key)
+                if ours is None:
+                    continue
+                if ours not in params:
+                    raise KeyMismatchError(f"{folder}: tensor '{key}' in {file.name} has no place in the model "
+                                           "composed from config.json: the config does not match the weights")
+                tensor = f.get_tensor(key)
+                if tuple(tensor.shape) != tuple(params[ours].shape):
+                    raise ShapeMismatchError(f"tensor '{key}' in {file.name} has shape {tuple(tensor.shape)} but the "
+                                             f"model expects {tuple(params[ours].shape)}: the weights do not match "
+                                             "config.json; fix the config or use matching weights")
+                params[ours].copy_(tensor)
+                seen.add(ours)
+                total += tensor.numel() * tensor.element_size()
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise KeyMismatchError(f"{folder} lacks {len(missing)} tensor(s) the model needs (e.g. '{to_hf(missing[0])}'): "
+                               "the checkpoint is incomplete or saved for another config")
+    return total
+
+
+# ---- transformers' calling convention ----------------------------------------------------
+class Qwen2VLModel(nn.Module):
+    """Our omni model behind `Qwen2VLForConditionalGeneration`'s keyword arguments:
+    `model(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+    video_grid_thw)` -> logits [B, S, V]. Positions are the M-RoPE positions of each row
+    (transformers' `get_rope_index`); padded positions (attention_mask 0, right padding)
+    form a document of their own."""
+
+    def __init__(self, omni: nn.Module, media: MediaTokens):
+        super().__init__()
+        self.omni, self.media = omni, media
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.omni.cfg
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                pixel_values: Optional[torch.Tensor] = None, image_grid_thw: Optional[torch.Tensor] = None,
+                pixel_values_videos: Optional[torch.Tensor] = None, video_grid_thw: Optional[torch.Tensor] = None,
+                **unused) -> torch.Tensor:
+        m = self.media
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        images = _split_by_grid(pixel_values, image_grid_thw)
+        videos = _split_by_grid(pixel_values_videos, video_grid_thw)
+        positions = torch.zeros((3, *input_ids.shape), dtype=torch.long)
+        doc_ids = torch.zeros_like(input_ids)
+        order, next_image, next_video = [], 0, 0
+        for row in range(input_ids.shape[0]):
+            n = int(mask[row].sum())
+            ids = input_ids[row, :n]
+            row_images, row_videos = [], []
+            for kind in _media_order(ids, m):
+                if kind == "image":
+                    row_images.append(images[next_image])
+                    order.append(images[next_image])
+                    next_image += 1
+                else:
+                    row_videos.append(videos[next_video])
+                    order.append(videos[next_video])
+                    next_video += 1
+            pos, _ = mrope_positions(ids.tolist(), [g for _, g in row_images], [g for _, g in row_videos],
+                                     m.image, m.video, m.merge)
+            positions[:, row, :n] = torch.as_tensor(pos)
+            doc_ids[row, n:] = 1
+        ids = input_ids.masked_fill(input_ids == m.video, m.image)  # one part: its placeholder
+        payloads = {}
+        if order:
+            payloads["vision"] = {"pixel_values": torch.cat([p for p, _ in order]),
+                                  "grid_thw": torch.stack([torch.as_tensor(g) for _, g in order]).long()}
+        batch = Batch(input_ids=ids, position_ids=positions.to(input_ids.device), doc_ids=doc_ids.to(input_ids.device),
+                      payloads=payloads)
+        return self.omni.text_logits(batch)
+
+
+def _split_by_grid(pixels: Optional[torch.Tensor], grid: Optional[torch.Tensor]) -> list:
+    if pixels is None or grid is None:
+        return []
+    sizes = [int(t * h * w) for t, h, w in grid.tolist()]
+    return list(zip(pixels.split(sizes), grid.tolist()))
+
+
+def _media_order(ids: torch.Tensor, m: MediaTokens) -> list[str]:
+    """'image' / 'video' for each media span of a row, in order (a span is a run of its pad
+    token; consecutive media are separated by vision start/end tokens in processor output)."""
+    kinds = []
+    prev = None
+    for t in ids.tolist():
+        kind = "image" if t == m.image else "video" if t == m.video else None
+        if kind is not None and kind != prev:
+            kinds.append(kind)
+        prev = kind
+    return kinds
+
+
+def load_pretrained(folder: Path, dtype: torch.dtype = torch.float32, device="cpu") -> Qwen2VLModel:
+    cfg, media = config_from_hf(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
+    with torch.device("meta"):
+        omni = build_model(cfg)
+    omni.to(dtype)
+    omni.to_empty(device=device)
+    omni.reset_buffers()
+    load_weights_(omni, folder)
+    return Qwen2VLModel(omni.eval(), media).eval()

@@ -1,0 +1,135 @@
+"""Released Qwen2-VL checkpoints in: a tiny transformers-saved Qwen2VLForConditionalGeneration
+loads whole into our omni model (vision part + M-RoPE backbone) and gives transformers'
+logits for text, images of several sizes, a video, and images with a video."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import engine
+
+IMAGE, VIDEO, START, END = 150, 151, 152, 153
+
+
+def tiny_qwen2_vl(folder, flat: bool = False, seed: int = 0):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=160, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, bos_token_id=0, eos_token_id=1),
+        vision_config=dict(depth=2, embed_dim=16, num_heads=2, hidden_size=32, patch_size=2, spatial_merge_size=2,
+                           temporal_patch_size=2, in_channels=3),
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # larger than the default init, so that mistakes show in the logits
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    if flat:  # the layout of configs and weights before transformers 5
+        _flatten(folder)
+    return model
+
+
+def _flatten(folder):
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((folder / "config.json").read_text())
+    text = config.pop("text_config")
+    rope = text.pop("rope_parameters")
+    config.update(text, rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]},
+                  rope_theta=rope["rope_theta"], model_type="qwen2_vl")
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = load_file(folder / "model.safetensors")
+    renamed = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
+               for k, v in tensors.items()}
+    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def media(grid):
+    t, h, w = grid
+    return [START] + [IMAGE] * (t * h * w // 4) + [END]
+
+
+def prompt(*parts):
+    """Token ids as the processor writes them: text ids, and media spans per (kind, grid)."""
+    ids = []
+    g = torch.Generator().manual_seed(len(parts))
+    for part in parts:
+        if isinstance(part, int):
+            ids += torch.randint(2, 140, (part,), generator=g).tolist()
+        else:
+            kind, grid = part
+            span = media(grid)
+            ids += [VIDEO if (kind == "video" and t == IMAGE) else t for t in span]
+    return torch.tensor([ids])
+
+
+def pixels(grids, seed):
+    n = sum(t * h * w for t, h, w in grids)
+    return torch.randn(n, 3 * 2 * 2 * 2, generator=torch.Generator().manual_seed(seed))
+
+
+CASES = {
+    "text": [7],
+    "one_image": [3, ("image", (1, 4, 6)), 5],
+    "images_of_two_sizes": [2, ("image", (1, 4, 4)), 3, ("image", (1, 6, 8)), 4],
+    "video": [3, ("video", (3, 4, 4)), 2],
+    "images_and_a_video": [2, ("image", (1, 4, 6)), 2, ("video", (2, 4, 4)), 1, ("image", (1, 2, 2)), 3],
+}
+
+
+def hf_inputs(case):
+    parts = CASES[case]
+    ids = prompt(*parts)
+    images = [g for p in parts if not isinstance(p, int) and p[0] == "image" for g in [p[1]]]
+    videos = [g for p in parts if not isinstance(p, int) and p[0] == "video" for g in [p[1]]]
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids),  # text 0, image 1, video 2 (the processor's)
+          "mm_token_type_ids": (ids == IMAGE).long() + 2 * (ids == VIDEO).long()}
+    if images:
+        kw.update(pixel_values=pixels(images, 1), image_grid_thw=torch.tensor(images))
+    if videos:
+        kw.update(pixel_values_videos=pixels(videos, 2), video_grid_thw=torch.tensor(videos))
+    return kw
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    nested, flat = tmp_path_factory.mktemp("nested"), tmp_path_factory.mktemp("flat")
+    hf = tiny_qwen2_vl(nested)
+    tiny_qwen2_vl(flat, flat=True)
+    return hf, nested, flat
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_equal_transformers(checkpoints, case):
+    hf, nested, flat = checkpoints
+    kw = hf_inputs(case)
+    hf.model.rope_deltas = None  # transformers keeps the last call's position offsets for generation
+    with torch.no_grad():
+        want = hf(**kw).logits
+        for folder in (nested, flat):
+            got = engine.load_pretrained(folder)(**kw)
+            assert got.shape == want.shape
+            assert (got - want).abs().max() < 1e-4, (folder.name, (got - want).abs().max())
+
+
+def test_a_media_count_that_disagrees_with_the_tokens_names_both(checkpoints):
+    _, nested, _ = checkpoints
+    kw = hf_inputs("one_image")
+    kw["input_ids"] = kw["input_ids"][:, :-8]  # lose some image tokens
+    kw["attention_mask"] = kw["attention_mask"][:, :-8]
+    kw["mm_token_type_ids"] = kw["mm_token_type_ids"][:, :-8]
+    with pytest.raises(ValueError, match=r"placeholder|image"):
+        engine.load_pretrained(nested)(**kw)
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForConditionalGeneration"]}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="Qwen2VLForConditionalGeneration"):
+        engine.load_pretrained(tmp_path)
