@@ -11,14 +11,14 @@ import torch
 
 import engine
 
-IMAGE, VIDEO, START, END = 150, 151, 152, 153
+IMAGE, VIDEO, START, END = 300, 301, 302, 303  # above a byte-level BPE's 259 minimum
 
 
 def tiny_qwen2_vl(folder, flat: bool = False, seed: int = 0):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=160, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        text_config=dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, bos_token_id=0, eos_token_id=1),
         vision_config=dict(depth=2, embed_dim=16, num_heads=2, hidden_size=32, patch_size=2, spatial_merge_size=2,
@@ -61,7 +61,7 @@ def prompt(*parts):
     g = torch.Generator().manual_seed(len(parts))
     for part in parts:
         if isinstance(part, int):
-            ids += torch.randint(2, 140, (part,), generator=g).tolist()
+            ids += torch.randint(2, 290, (part,), generator=g).tolist()
         else:
             kind, grid = part
             span = media(grid)
@@ -133,3 +133,56 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="Qwen2VLForConditionalGeneration"):
         engine.load_pretrained(tmp_path)
+
+
+# ---- training from the folder alone ------------------------------------------------------------
+RUN_CONFIG = """\
+data:
+  dataset: conversations
+  seq_len: 256
+  global_batch_size: 4
+train:
+  steps: 3
+  lr: 1.0e-3
+  warmup_steps: 1
+  tensorboard: false
+checkpoint:
+  interval: 0
+"""
+
+
+@pytest.fixture(scope="module")
+def trainable(tmp_path_factory, checkpoints):
+    """The nested tiny Qwen2-VL folder with a ChatML tokenizer of its text ids, and conversations."""
+    from omni_datasets.sft_text import make as sft
+
+    _, nested, _ = checkpoints
+    texts = [" ".join(f"word{(i * 7 + j) % 97}" for j in range(30)) for i in range(200)]
+    sft.make_tokenizer(nested, texts, vocab_size=296)
+    root = tmp_path_factory.mktemp("qwen2_vl_run")
+    sft.write_rows(sft.conversations(texts, 120), root / "conversations.jsonl")
+    (root / "run.yaml").write_text(RUN_CONFIG)
+    return nested, root
+
+
+def test_init_from_alone_composes_the_model_and_trains(trainable, tmp_path):
+    from launch import train
+
+    folder, root = trainable
+    records = train(tmp_path / "run", 1, f"--model.init_from={folder}", f"--data.path={root / 'conversations.jsonl'}",
+                    f"--data.cache_dir={tmp_path / 'cache'}", config=str(root / "run.yaml"))
+    assert len(records) == 3 and records[-1]["loss"] < records[0]["loss"]
+
+
+@pytest.mark.slow
+def test_one_process_equals_dp2_sp2_sync_and_async(trainable, tmp_path):
+    from launch import assert_close, losses, train
+
+    folder, root = trainable
+    args = [f"--model.init_from={folder}", f"--data.path={root / 'conversations.jsonl'}",
+            f"--data.cache_dir={tmp_path / 'cache'}"]
+    ref = train(tmp_path / "one", 1, *args, config=str(root / "run.yaml"))
+    for sp_async in ("false", "true"):
+        got = train(tmp_path / f"dp2sp2_{sp_async}", 4, *args, "--parallel.sp_size=2", "--parallel.dp_shard=2",
+                    f"--parallel.sp_async={sp_async}", config=str(root / "run.yaml"))
+        assert_close(losses(ref), losses(got), rel=1e-5)

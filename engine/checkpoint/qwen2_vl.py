@@ -14,6 +14,7 @@ top, weights `model.layers.*`, `visual.*`). Safetensors only, one tensor at a ti
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,13 +118,40 @@ def _safetensors_files(folder: Path) -> list[Path]:
                             "model folder saved with safetensors")
 
 
+def is_qwen2_vl(folder: Path) -> bool:
+    config = Path(folder) / "config.json"
+    try:
+        return config.is_file() and (json.loads(config.read_text()).get("architectures") or [None])[0] == ARCHITECTURE
+    except json.JSONDecodeError:
+        return False
+
+
+# What the checkpoint's config.json decides; the run config keeps every other model key.
+ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "rope_theta", "rope_scaling", "max_position_embeddings", "rms_norm_eps", "qk_norm",
+                     "attention_bias", "tie_embeddings", "encoders", "decoders", "mrope_section", "backbone")
+
+
+def compose_model_config(run: ModelConfig) -> ModelConfig:
+    """`model.init_from: FOLDER` alone: the model the folder's config.json describes (the run's
+    other model keys kept, e.g. attention_backend)."""
+    folder = Path(run.init_from).expanduser()
+    made, _ = config_from_hf(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
+    out = copy.deepcopy(run)
+    for key in ARCHITECTURE_KEYS:
+        setattr(out, key, copy.deepcopy(getattr(made, key)))
+    return out
+
+
 @torch.no_grad()
 def load_weights_(model: nn.Module, folder: Path) -> int:
-    """Stream the checkpoint's tensors into `model` (one process), strictly: every parameter
-    filled once, shapes checked by name."""
-    from .hf import KeyMismatchError, ShapeMismatchError
+    """Stream the checkpoint's tensors into `model`, strictly: every parameter filled once,
+    shapes checked by name. FSDP (DTensor) parameters keep their own shard of each tensor."""
+    from engine.parallel.init import copy_full_
 
-    params = dict(model.named_parameters())
+    from .hf import KeyMismatchError, ShapeMismatchError, clean_name
+
+    params = {clean_name(n): p for n, p in model.named_parameters()}
     seen, total = set(), 0
     for file in _safetensors_files(folder):
         with safe_open(str(file), framework="pt") as f:
@@ -139,7 +167,7 @@ def load_weights_(model: nn.Module, folder: Path) -> int:
                     raise ShapeMismatchError(f"tensor '{key}' in {file.name} has shape {tuple(tensor.shape)} but the "
                                              f"model expects {tuple(params[ours].shape)}: the weights do not match "
                                              "config.json; fix the config or use matching weights")
-                params[ours].copy_(tensor)
+                copy_full_(params[ours], tensor)
                 seen.add(ours)
                 total += tensor.numel() * tensor.element_size()
     missing = sorted(set(params) - seen)

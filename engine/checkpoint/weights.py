@@ -12,6 +12,7 @@ Nothing else writes weights: no data source, no tool.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -21,6 +22,7 @@ from engine.config import Config, expand_path
 from engine.parallel import materialize
 from engine.parallel.init import load_full_state_
 
+from . import qwen2_vl
 from .hf import load_weights_
 from .manager import CheckpointError
 
@@ -32,11 +34,25 @@ def initial_weights_(model: nn.Module, cfg: Config, device: torch.device, resumi
     materialize(model, device, cfg.train.seed)
     if resuming:
         return
-    if cfg.model.init_from:  # each rank keeps its shards
+    if cfg.model.init_from and qwen2_vl.is_qwen2_vl(expand_path(cfg.model.init_from)):  # the whole omni model
+        qwen2_vl.load_weights_(model, expand_path(cfg.model.init_from))
+        log.info("whole model from init_from=%s", cfg.model.init_from)
+    elif cfg.model.init_from:  # the backbone; each rank keeps its shards
         load_weights_(model, expand_path(cfg.model.init_from), expect=cfg.model)
     for spec in [*cfg.model.encoders, *cfg.model.decoders]:
         if spec.get("init_from"):
             load_part_weights_(model, spec["name"], spec["init_from"])
+
+
+def compose_from_init_from(cfg: Config) -> Config:
+    """The run config with the model a whole released checkpoint in `model.init_from`
+    describes (Qwen2-VL); other configs unchanged (their init_from is checked against them)."""
+    if not cfg.model.init_from or not qwen2_vl.is_qwen2_vl(expand_path(cfg.model.init_from)):
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.model = qwen2_vl.compose_model_config(cfg.model)
+    log.info("model composed from %s/config.json: %s", cfg.model.init_from, qwen2_vl.ARCHITECTURE)
+    return cfg
 
 
 def load_part_weights_(model: nn.Module, name: str, source: str) -> None:

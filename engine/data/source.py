@@ -12,7 +12,8 @@ Datasets are registered by name, like encoders:
     def build(cfg: Config, parts: PartLayout | None) -> DataSource: ...
 
 `modalities`: whether the dataset feeds an omni model's parts (then `parts` is given) or
-plain text (a model without parts). `prepare(cfg) -> {part name: weights path}`, optional,
+plain text (a model without parts); None: text that suits both (a released omni model
+fine-tuned on text conversations: its parts then run on dummy payloads). `prepare(cfg) -> {part name: weights path}`, optional,
 runs first on every rank (so it must be safe to run concurrently: build files under
 `build_once`): it builds the dataset's files and may name weights it made for parts (a
 tokenizer it trains); the trainer loads those through the part's `init_from`, never
@@ -43,14 +44,14 @@ class DataSource(Protocol):
 class DatasetEntry:
     name: str
     build: Callable[..., DataSource]
-    modalities: bool
+    modalities: Optional[bool]
     prepare: Optional[Callable[[Config], dict[str, str]]] = None
 
 
 DATASETS: dict[str, DatasetEntry] = {}
 
 
-def register_dataset(name: str, *, modalities: bool, prepare: Optional[Callable[[Config], dict[str, str]]] = None):
+def register_dataset(name: str, *, modalities: Optional[bool], prepare: Optional[Callable[[Config], dict[str, str]]] = None):
     """Decorator registering `build(cfg, parts) -> DataSource` under `name`."""
     def wrap(build):
         if name in DATASETS and DATASETS[name].build is not build:

@@ -29,7 +29,7 @@ def _entry(cfg: Config) -> DatasetEntry:
         raise ConfigError(str(e)) from None
     entry = get_dataset(cfg.data.dataset)
     has_parts = bool(cfg.model.encoders or cfg.model.decoders)
-    if has_parts and not entry.modalities:
+    if has_parts and entry.modalities is False:
         raise ConfigError(f"config key 'data.dataset'={entry.name!r} has no modality payloads for a model with "
                           "encoders/decoders; use a dataset registered with modalities=True (e.g. synthetic_omni)")
     if entry.modalities and not has_parts:
@@ -108,12 +108,12 @@ def build_shakespeare(cfg: Config, parts: None) -> TextData:
     return TextData(*text_stream(cfg))
 
 
-@register_dataset("text", modalities=False)
+@register_dataset("text", modalities=None)
 def build_text(cfg: Config, parts: None) -> UserData:
     return build_user_data(cfg)
 
 
-@register_dataset("conversations", modalities=False)
+@register_dataset("conversations", modalities=None)
 def build_conversations(cfg: Config, parts: None) -> UserData:
     return build_user_data(cfg)
 

@@ -27,7 +27,7 @@ import torch
 
 from engine.batch import Batch
 from engine.checkpoint import CheckpointManager
-from engine.checkpoint.weights import initial_weights_
+from engine.checkpoint.weights import compose_from_init_from, initial_weights_
 from engine.comm import STATS, DistContext, all_reduce, init_distributed, shutdown
 from engine.config import Config, expand_path, resolve_layout
 from engine.data.sources import build_eval_data, build_train_data, prepare_data
@@ -55,6 +55,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 class Trainer:
     def __init__(self, cfg: Config, ctx: DistContext):
         self.ctx = ctx
+        cfg = compose_from_init_from(cfg)  # a whole released model in model.init_from decides the model keys
         self.cfg = prepare_data(cfg)  # the dataset's files, and weights it makes for parts (as their init_from)
         self._build_layout()
         model = self._build_model_on_meta()
