@@ -30,7 +30,7 @@ def tiny_qwen2_vl(folder, flat: bool = False, seed: int = 0):
         for p in model.parameters():
             p.normal_(0, 0.2)
     model.save_pretrained(folder)
-    if flat:  # the layout of configs and weights before transformers 5
+    if flat:  # the config layout before transformers 5, with the in-memory tensor names
         _flatten(folder)
     return model
 
@@ -45,8 +45,12 @@ def _flatten(folder):
                   rope_theta=rope["rope_theta"], model_type="qwen2_vl")
     (folder / "config.json").write_text(json.dumps(config))
     tensors = load_file(folder / "model.safetensors")
-    renamed = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
+    # save_pretrained writes the released names (model.layers.*, visual.*): give this folder
+    # transformers 5's in-memory names instead, so that both namings are read
+    renamed = {("model.visual." + k[len("visual."):]) if k.startswith("visual.") else
+               ("model.language_model." + k[len("model."):]) if k.startswith("model.") else k: v
                for k, v in tensors.items()}
+    assert any(k.startswith("model.layers.") for k in tensors)
     save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
 
 
@@ -186,3 +190,41 @@ def test_one_process_equals_dp2_sp2_sync_and_async(trainable, tmp_path):
         got = train(tmp_path / f"dp2sp2_{sp_async}", 4, *args, "--parallel.sp_size=2", "--parallel.dp_shard=2",
                     f"--parallel.sp_async={sp_async}", config=str(root / "run.yaml"))
         assert_close(losses(ref), losses(got), rel=1e-5)
+
+
+# ---- export ---------------------------------------------------------------------------------
+def test_release_to_release_round_trip_is_bitwise(checkpoints, tmp_path):
+    from safetensors.torch import load_file
+
+    from engine.checkpoint.convert import export_hf
+
+    _, nested, _ = checkpoints
+    out = export_hf(nested, tmp_path / "out", max_shard_size=20_000)
+    assert (out / "model.safetensors.index.json").is_file()  # several shards
+    theirs = load_file(nested / "model.safetensors")
+    ours = {}
+    for f in out.glob("model-*.safetensors"):
+        ours.update(load_file(f))
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+
+
+def test_trained_checkpoint_exports_to_a_folder_transformers_loads_with_our_logits(trainable, tmp_path):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from engine.checkpoint.convert import export_hf
+    from launch import train
+
+    folder, root = trainable
+    train(tmp_path / "run", 1, f"--model.init_from={folder}", f"--data.path={root / 'conversations.jsonl'}",
+          f"--data.cache_dir={tmp_path / 'cache'}", "--checkpoint.interval=0", config=str(root / "run.yaml"))
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("step_*"))
+    out = export_hf(ckpt, tmp_path / "exported")
+    assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(out).eval()
+    ours = engine.load_pretrained(out)
+    before = engine.load_pretrained(folder)
+    kw = hf_inputs("images_and_a_video")
+    with torch.no_grad():
+        want, got = hf(**kw).logits, ours(**kw)
+        assert (got - want).abs().max() < 1e-4
+        assert (got - before(**kw)).abs().max() > 1e-4  # the exported weights are the trained ones

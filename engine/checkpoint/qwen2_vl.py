@@ -1,4 +1,4 @@
-"""Qwen2-VL checkpoints in: the family's state-dict adapter, the config that composes our
+"""Qwen2-VL checkpoints in and out: the family's state-dict adapter, the config that composes our
 omni model from registered parts, and a module that takes transformers' keyword arguments.
 
 Composition: the `vision` encoder (weight-compatible with Qwen2-VL's tower) around a dense
@@ -7,9 +7,11 @@ outputs the language model's width, so the encoder has no projection (`project: 
 its placeholder is the checkpoint's own `<|image_pad|>` id; `<|video_pad|>` positions are the
 same part's (one vision part serves images and videos, fed in order of appearance).
 
-Both layouts transformers has written are read: transformers 5's (`text_config` nested,
-weights `model.language_model.*`, `model.visual.*`) and the older flat one (text keys at the
-top, weights `model.layers.*`, `visual.*`). Safetensors only, one tensor at a time.
+Both config layouts are read: transformers 5's (`text_config` nested) and the older flat one
+(text keys at the top); and both tensor namings: the released one (`model.layers.*`,
+`visual.*`: the hub's files, and what transformers' save_pretrained still writes) and
+transformers 5's in-memory one (`model.language_model.*`, `model.visual.*`). Export writes the
+naming of the release the run started from. Safetensors only, one tensor at a time.
 """
 
 from __future__ import annotations
@@ -96,14 +98,29 @@ def from_hf(name: str) -> Optional[str]:
     return name
 
 
-def to_hf(name: str) -> str:
-    """transformers 5's tensor name for one of our parameters."""
+LAYOUTS = {"released": ("model.", "visual."), "nested": ("model.language_model.", "model.visual.")}
+
+
+def to_hf(name: str, layout: str = "released") -> str:
+    """The checkpoint's tensor name for one of our parameters: the released layout (what the
+    hub's files and transformers' save_pretrained write: `model.layers.*`, `visual.*`) or
+    transformers 5's in-memory one (`model.language_model.*`, `model.visual.*`)."""
+    text, visual = LAYOUTS[layout]
     if name.startswith("encoders.vision."):
-        return "model.visual." + name[len("encoders.vision."):]
+        return visual + name[len("encoders.vision."):]
     if name == "backbone.lm_head.weight":
         return "lm_head.weight"
     rest = name[len("backbone."):]
-    return "model.language_model." + ("layers." + rest[len("blocks."):] if rest.startswith("blocks.") else rest)
+    return text + ("layers." + rest[len("blocks."):] if rest.startswith("blocks.") else rest)
+
+
+def layout_of(folder: Path) -> str:
+    """Which naming the folder's tensors use."""
+    for file in _safetensors_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            if any(k.startswith("model.language_model.") for k in f.keys()):
+                return "nested"
+    return "released"
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -260,3 +277,77 @@ def load_pretrained(folder: Path, dtype: torch.dtype = torch.float32, device="cp
     omni.reset_buffers()
     load_weights_(omni, folder)
     return Qwen2VLModel(omni.eval(), media).eval()
+
+
+# ---- export --------------------------------------------------------------------------------
+# Files of a released folder that travel with its weights (tokenizer, chat template, processors).
+RELEASE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
+                 "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
+
+
+def export(src: Path, out: Path, release: Path, max_shard_size: int = 5 * 10**9,
+           dtype: Optional[torch.dtype] = None) -> Path:
+    """A training checkpoint (sharded DCP, read without a process group) or a Qwen2-VL folder
+    -> a folder in the released layout: transformers 5's tensor names, safetensors shards (with
+    an index when several), the release's config.json, tokenizer and processor files."""
+    import shutil
+
+    from .convert import DCPSource
+    from .hf import HFCheckpointError
+    from .safetensors_io import TensorSpec, shard_groups, shard_names, write_index, write_safetensors
+
+    cfg, _ = config_from_hf(json.loads((release / "config.json").read_text()), str(release / "config.json"))
+    with torch.device("meta"):
+        expected = {n: tuple(p.shape) for n, p in build_model(cfg).named_parameters()}
+    if (src / ".metadata").is_file():
+        source = DCPSource(src)
+        specs = source.specs
+        read = source.read_group
+    else:  # a released folder: ours are its names through the adapter
+        names = {}
+        for file in _safetensors_files(src):
+            with safe_open(str(file), framework="pt") as f:
+                names.update({from_hf(k): (file, k) for k in f.keys() if from_hf(k) is not None})
+        specs = {}
+        for ours, (file, key) in names.items():
+            with safe_open(str(file), framework="pt") as f:
+                sl = f.get_slice(key)
+                specs[ours] = TensorSpec(ours, _DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
+
+        def read(group):
+            def get(name):
+                file, key = names[name]
+                with safe_open(str(file), framework="pt") as f:
+                    return f.get_tensor(key)
+            return get
+    missing = sorted(set(expected) - set(specs))
+    if missing or any(tuple(specs[n].shape) != expected[n] for n in expected):
+        bad = missing[0] if missing else next(n for n in expected if tuple(specs[n].shape) != expected[n])
+        raise HFCheckpointError(f"{src} does not hold the model of {release}/config.json (tensor {bad!r}): export with "
+                                "the release the run was initialised from")
+    ours, layout = list(expected), layout_of(release)  # written as the release names its tensors
+    out_specs = [TensorSpec(to_hf(n, layout), dtype or specs[n].dtype, expected[n]) for n in ours]
+    back = {to_hf(n, layout): n for n in ours}
+    groups = shard_groups(out_specs, max_shard_size)
+    files = shard_names("model", len(groups))
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("model-*-of-*.safetensors"), out / "model.safetensors", out / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
+    for name, group in zip(files, groups):
+        get = read([back[s.name] for s in group])
+        write_safetensors(out / name, group, lambda hf_name, get=get, group=group: get(back[hf_name]).to(
+            next(s.dtype for s in group if s.name == hf_name)).contiguous(), {"format": "pt"})
+    if len(files) > 1:
+        write_index(out, "model", files, groups)
+    config = json.loads((release / "config.json").read_text())
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for f in RELEASE_FILES:
+        if (release / f).is_file() and release.resolve() != out.resolve():
+            shutil.copyfile(release / f, out / f)
+    return out
+
+
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
