@@ -228,3 +228,19 @@ def test_trained_checkpoint_exports_to_a_folder_transformers_loads_with_our_logi
         want, got = hf(**kw).logits, ours(**kw)
         assert (got - want).abs().max() < 1e-4
         assert (got - before(**kw)).abs().max() > 1e-4  # the exported weights are the trained ones
+
+
+@pytest.mark.slow
+def test_images_with_mrope_train_alike_on_one_process_and_dp2_sp2(checkpoints, tmp_path):
+    """Vision payloads and [3, B, S] positions (sliced along the sequence under Ulysses SP)."""
+    from launch import ROOT, assert_close, losses, train
+
+    _, nested, _ = checkpoints
+    (tmp_path / "run.yaml").write_text(RUN_CONFIG.replace("conversations", "qwen2_vl_images"))
+    args = [f"--model.init_from={nested}", f"--data.plugins=[{ROOT / 'tests' / 'plugins' / 'qwen2_vl_images.py'}]",
+            "--data.seq_len=64", "--train.steps=4"]
+    ref = train(tmp_path / "one", 1, *args, config=str(tmp_path / "run.yaml"))
+    got = train(tmp_path / "dp2sp2", 4, *args, "--parallel.sp_size=2", "--parallel.dp_shard=2",
+                "--parallel.sp_async=true", config=str(tmp_path / "run.yaml"))
+    assert_close(losses(ref), losses(got), rel=1e-5)
+    assert ref[-1]["loss"] < ref[0]["loss"]
