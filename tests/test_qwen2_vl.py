@@ -124,12 +124,27 @@ def test_logits_equal_transformers(checkpoints, case):
 
 def test_a_media_count_that_disagrees_with_the_tokens_names_both(checkpoints):
     _, nested, _ = checkpoints
-    kw = hf_inputs("one_image")
-    kw["input_ids"] = kw["input_ids"][:, :-8]  # lose some image tokens
-    kw["attention_mask"] = kw["attention_mask"][:, :-8]
-    kw["mm_token_type_ids"] = kw["mm_token_type_ids"][:, :-8]
-    with pytest.raises(ValueError, match=r"placeholder|image"):
+    kw = hf_inputs("one_image")  # 3 text, start, 6 image tokens (grid 1x4x6), end, 5 text
+    keep = torch.ones(kw["input_ids"].shape[1], dtype=torch.bool)
+    keep[5:7] = False  # lose two of the image's tokens
+    kw = {k: (v[:, keep] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v) for k, v in kw.items()}
+    with pytest.raises(ValueError, match=r"4 image placeholder tokens .* needs 6"):
         engine.load_pretrained(nested)(**kw)
+
+
+def test_weights_that_disagree_with_the_config_name_the_tensor_and_both_shapes(checkpoints, tmp_path):
+    import shutil
+
+    from engine.checkpoint.hf import ShapeMismatchError
+
+    _, nested, _ = checkpoints
+    shutil.copytree(nested, tmp_path / "bad")
+    config = json.loads((tmp_path / "bad" / "config.json").read_text())
+    config["text_config"]["intermediate_size"] = 96
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ShapeMismatchError, match=r"tensor 'model\.layers\.0\.mlp\..*' .* shape \((64, 32|32, 64)\) but "
+                                                  r"the model expects \((96, 32|32, 96)\)"):
+        engine.load_pretrained(tmp_path / "bad")
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
@@ -179,16 +194,18 @@ def test_init_from_alone_composes_the_model_and_trains(trainable, tmp_path):
 
 
 @pytest.mark.slow
-def test_one_process_equals_dp2_sp2_sync_and_async(trainable, tmp_path):
+def test_one_process_equals_dp2_sp2_sync_and_async_and_hsdp(trainable, tmp_path):
     from launch import assert_close, losses, train
 
     folder, root = trainable
     args = [f"--model.init_from={folder}", f"--data.path={root / 'conversations.jsonl'}",
             f"--data.cache_dir={tmp_path / 'cache'}"]
     ref = train(tmp_path / "one", 1, *args, config=str(root / "run.yaml"))
-    for sp_async in ("false", "true"):
-        got = train(tmp_path / f"dp2sp2_{sp_async}", 4, *args, "--parallel.sp_size=2", "--parallel.dp_shard=2",
-                    f"--parallel.sp_async={sp_async}", config=str(root / "run.yaml"))
+    layouts = {"dp2sp2_sync": ["--parallel.sp_size=2", "--parallel.dp_shard=2"],
+               "dp2sp2_async": ["--parallel.sp_size=2", "--parallel.dp_shard=2", "--parallel.sp_async=true"],
+               "hsdp2x2": ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]}
+    for name, layout in layouts.items():
+        got = train(tmp_path / name, 4, *args, *layout, config=str(root / "run.yaml"))
         assert_close(losses(ref), losses(got), rel=1e-5)
 
 
@@ -244,3 +261,21 @@ def test_images_with_mrope_train_alike_on_one_process_and_dp2_sp2(checkpoints, t
                 "--parallel.sp_async=true", config=str(tmp_path / "run.yaml"))
     assert_close(losses(ref), losses(got), rel=1e-5)
     assert ref[-1]["loss"] < ref[0]["loss"]
+
+
+def test_each_family_adapter_maps_every_parameter_both_ways(checkpoints):
+    from engine.checkpoint.adapters import ADAPTERS, Qwen2VLAdapter, adapter_for
+    from engine.checkpoint.hf import MULTIMODAL_ARCHITECTURES, SUPPORTED_ARCHITECTURES
+    from engine.tensor_files import TensorFiles
+
+    assert set(ADAPTERS) == set(SUPPORTED_ARCHITECTURES + MULTIMODAL_ARCHITECTURES)
+    _, nested, flat = checkpoints
+    ours = {n for n, _ in engine.load_pretrained(nested).omni.named_parameters()}
+    for folder, layout in ((nested, "released"), (flat, "nested")):
+        names = TensorFiles.of(folder).keys()
+        adapter = Qwen2VLAdapter(layout)
+        assert {adapter.from_hf(k) for k in names} == ours
+        assert {adapter.to_hf(n) for n in ours} == set(names)
+    text = adapter_for("Qwen2ForCausalLM")
+    assert text.to_hf("blocks.3.mlp.up_proj.weight") == "model.layers.3.mlp.up_proj.weight"
+    assert text.from_hf(text.to_hf("norm.weight")) == "norm.weight" and text.from_hf("model.rotary_emb.inv_freq") is None

@@ -40,12 +40,16 @@ from engine.config import ModelConfig
 from engine.models import build_backbone
 from engine.models.moe import Experts
 
+from .adapters import TEXT, TextAdapter
 from .manager import CheckpointError
+from engine.tensor_files import MissingShardError as MissingTensorShard
+from engine.tensor_files import TensorFileError, model_files
+
 from .safetensors_io import TensorSpec, read_header
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+SUPPORTED_ARCHITECTURES = TextAdapter.architectures
 # Whole multimodal checkpoints (engine.load_pretrained only, for now; see qwen2_vl.py).
 MULTIMODAL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration",)
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
@@ -78,21 +82,13 @@ class KeyMismatchError(HFCheckpointError):
     pass
 
 
-# ---- names -----------------------------------------------------------------------------
+# ---- names (the text families' adapter: engine/checkpoint/adapters.py) -------------------
 def hf_to_ours(name: str) -> str:
-    if name.startswith("model.layers."):
-        return "blocks." + name[len("model.layers."):]
-    if name.startswith("model."):
-        return name[len("model."):]
-    return name  # lm_head.weight
+    return TEXT.from_hf(name)
 
 
 def ours_to_hf(name: str) -> str:
-    if name.startswith("blocks."):
-        return "model.layers." + name[len("blocks."):]
-    if name.startswith("lm_head."):
-        return name
-    return "model." + name
+    return TEXT.to_hf(name)
 
 
 def is_fused_expert(name: str) -> bool:
@@ -426,27 +422,10 @@ class WeightFolder:
         self._config: Optional[ModelConfig] = None
 
     def _find(self, prefix: str) -> list[Path]:
-        index = self.path / f"{prefix}.safetensors.index.json"
-        if index.is_file():
-            try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError):
-                raise HFCheckpointError(f"{index} is not a valid safetensors index (no weight_map): "
-                                        "re-download or re-save the model") from None
-        elif (self.path / f"{prefix}.safetensors").is_file():
-            return [self.path / f"{prefix}.safetensors"]
-        else:  # shards without their index: the names still say how many there must be
-            found = sorted(p.name for p in self.path.glob(f"{prefix}-*-of-*.safetensors"))
-            if not found:
-                return []
-            n = int(re.search(r"-of-(\d+)\.safetensors$", found[0]).group(1))
-            names = [f"{prefix}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-            index = self.path
-        for name in names:
-            if not (self.path / name).is_file():
-                raise MissingShardError(f"shard {name} listed by {index.name} is missing from {self.path}: copy or "
-                                        "download it again (every shard of the checkpoint is needed)")
-        return [self.path / n for n in names]
+        try:
+            return model_files(self.path, prefix)
+        except TensorFileError as e:
+            raise (MissingShardError if isinstance(e, MissingTensorShard) else HFCheckpointError)(str(e)) from None
 
     def model_config(self) -> ModelConfig:
         if self._config is None:

@@ -24,12 +24,12 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 from engine.batch import Batch
 from engine.config import ModelConfig
 from engine.data.mrope import mrope_positions
 from engine.models import build_model
+from engine.tensor_files import TensorFiles, model_files
 
 ARCHITECTURE = "Qwen2VLForConditionalGeneration"
 
@@ -116,23 +116,19 @@ def to_hf(name: str, layout: str = "released") -> str:
 
 def layout_of(folder: Path) -> str:
     """Which naming the folder's tensors use."""
-    for file in _safetensors_files(folder):
-        with safe_open(str(file), framework="pt") as f:
-            if any(k.startswith("model.language_model.") for k in f.keys()):
-                return "nested"
+    if any(k.startswith("model.language_model.") for k in TensorFiles(_safetensors_files(folder)).keys()):
+        return "nested"
     return "released"
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
     from .hf import HFCheckpointError
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    raise HFCheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json: pass a Hugging Face "
-                            "model folder saved with safetensors")
+    files = model_files(folder)
+    if not files:
+        raise HFCheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json: pass a Hugging "
+                                "Face model folder saved with safetensors")
+    return files
 
 
 def is_qwen2_vl(folder: Path) -> bool:
@@ -170,23 +166,23 @@ def load_weights_(model: nn.Module, folder: Path) -> int:
 
     params = {clean_name(n): p for n, p in model.named_parameters()}
     seen, total = set(), 0
-    for file in _safetensors_files(folder):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                ours = from_hf(key)
-                if ours is None:
-                    continue
-                if ours not in params:
-                    raise KeyMismatchError(f"{folder}: tensor '{key}' in {file.name} has no place in the model "
-                                           "composed from config.json: the config does not match the weights")
-                tensor = f.get_tensor(key)
-                if tuple(tensor.shape) != tuple(params[ours].shape):
-                    raise ShapeMismatchError(f"tensor '{key}' in {file.name} has shape {tuple(tensor.shape)} but the "
-                                             f"model expects {tuple(params[ours].shape)}: the weights do not match "
-                                             "config.json; fix the config or use matching weights")
-                copy_full_(params[ours], tensor)
-                seen.add(ours)
-                total += tensor.numel() * tensor.element_size()
+    files = TensorFiles(_safetensors_files(folder))
+    for key in files.keys():
+        ours = from_hf(key)
+        if ours is None:
+            continue
+        where = files.where[key].name
+        if ours not in params:
+            raise KeyMismatchError(f"{folder}: tensor '{key}' in {where} has no place in the model composed from "
+                                   "config.json: the config does not match the weights")
+        if files.shape(key) != tuple(params[ours].shape):
+            raise ShapeMismatchError(f"tensor '{key}' in {where} has shape {files.shape(key)} but the model "
+                                     f"expects {tuple(params[ours].shape)}: the weights do not match config.json; "
+                                     "fix the config or use matching weights")
+        tensor = files.get(key)
+        copy_full_(params[ours], tensor)
+        seen.add(ours)
+        total += tensor.numel() * tensor.element_size()
     missing = sorted(set(params) - seen)
     if missing:
         raise KeyMismatchError(f"{folder} lacks {len(missing)} tensor(s) the model needs (e.g. '{to_hf(missing[0])}'): "
@@ -295,7 +291,7 @@ def export(src: Path, out: Path, release: Path, max_shard_size: int = 5 * 10**9,
 
     from .convert import DCPSource
     from .hf import HFCheckpointError
-    from .safetensors_io import TensorSpec, shard_groups, shard_names, write_index, write_safetensors
+    from .safetensors_io import TensorSpec, read_header, shard_groups, shard_names, write_index, write_safetensors
 
     cfg, _ = config_from_hf(json.loads((release / "config.json").read_text()), str(release / "config.json"))
     with torch.device("meta"):
@@ -305,22 +301,14 @@ def export(src: Path, out: Path, release: Path, max_shard_size: int = 5 * 10**9,
         specs = source.specs
         read = source.read_group
     else:  # a released folder: ours are its names through the adapter
-        names = {}
-        for file in _safetensors_files(src):
-            with safe_open(str(file), framework="pt") as f:
-                names.update({from_hf(k): (file, k) for k in f.keys() if from_hf(k) is not None})
+        tensors = TensorFiles(_safetensors_files(src))
+        names = {from_hf(k): k for k in tensors.keys() if from_hf(k) is not None}
         specs = {}
-        for ours, (file, key) in names.items():
-            with safe_open(str(file), framework="pt") as f:
-                sl = f.get_slice(key)
-                specs[ours] = TensorSpec(ours, _DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
+        for f in tensors.files:
+            specs.update({from_hf(s.name): s for s in read_header(f)[0] if from_hf(s.name) is not None})
 
         def read(group):
-            def get(name):
-                file, key = names[name]
-                with safe_open(str(file), framework="pt") as f:
-                    return f.get_tensor(key)
-            return get
+            return lambda name: tensors.get(names[name])
     missing = sorted(set(expected) - set(specs))
     if missing or any(tuple(specs[n].shape) != expected[n] for n in expected):
         bad = missing[0] if missing else next(n for n in expected if tuple(specs[n].shape) != expected[n])
@@ -350,4 +338,3 @@ def export(src: Path, out: Path, release: Path, max_shard_size: int = 5 * 10**9,
     return out
 
 
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

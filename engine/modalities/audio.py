@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.tensor_files import TensorFiles, model_files
 from engine.tensor_match import check_tensors
 
 from .base import Encoder
@@ -325,20 +326,7 @@ class AudioEncoder(Encoder):
 
 def _read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of an HF folder's `model.safetensors` (or its sharded index)."""
-    import json
-
-    from safetensors.torch import load_file
-
-    folder = os.fspath(folder)
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
+    files = model_files(folder)
+    if not files:
         raise ValueError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(os.path.join(folder, name)))
-    return state
+    return TensorFiles(files).read()

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.tensor_files import TensorFiles
+
 from .base import Decoder
 from .registry import register_decoder
 
@@ -487,19 +489,10 @@ def _open_source(source) -> tuple[list[str], Callable[[str], torch.Tensor]]:
     if isinstance(source, Mapping):
         return list(source), lambda k: source[k]
     path = Path(source)
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    if not files or not all(f.is_file() for f in files):
+    if not path.exists():
         raise ValueError(f"image_vq: {path} is neither a state dict, a .safetensors file nor a folder holding some")
-    from safetensors import safe_open
-    where: dict[str, Path] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            where.update({k: f for k in sf.keys()})
-
-    def get(k: str) -> torch.Tensor:
-        with safe_open(str(where[k]), framework="pt") as sf:
-            return sf.get_tensor(k)
-    return list(where), get
+    files = TensorFiles.of(path)
+    return files.keys(), files.get
 
 
 # ---------------------------------------------------------------- pre-training the tokenizer

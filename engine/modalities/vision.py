@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.tensor_files import TensorFiles
+
 from engine.tensor_match import check_tensors
 
 from .base import Encoder
@@ -349,17 +351,7 @@ class VisionEncoder(Encoder):
 
 
 def _read_visual_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"vision: no *.safetensors files in {folder}")
-    out = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if key.startswith(("visual.", "model.visual.")):
-                    out[key] = f.get_tensor(key)
+    out = TensorFiles.of(folder).read(("visual.", "model.visual."))
     if not out:
-        raise ValueError(f"vision: no visual.* or model.visual.* tensors in {folder} ({len(files)} safetensors files)")
+        raise ValueError(f"vision: no visual.* or model.visual.* tensors in {folder}")
     return out

@@ -1,0 +1,72 @@
+"""State-dict adapters: one per model family, mapping a released checkpoint's tensor names
+to ours and back (in the manner of torchtitan's state-dict adapters). Import, `init_from`,
+`engine.load_pretrained` and export all go through the family's adapter, so a name is
+translated in one place.
+
+- `TextAdapter` (Llama, Qwen2, Qwen3, Qwen3-MoE): ours are Hugging Face's without `model.`
+  and with `blocks.` for `layers.` (Qwen3-MoE's per-expert tensors are stacked by hf.py).
+- `Qwen2VLAdapter`: the backbone under `backbone.`, the vision tower under
+  `encoders.vision.`; reads the released naming (`model.layers.*`, `visual.*`) and
+  transformers 5's in-memory one (`model.language_model.*`, `model.visual.*`), writes the
+  naming it is given.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+from . import qwen2_vl
+
+
+class StateDictAdapter(Protocol):
+    architectures: tuple[str, ...]
+
+    def from_hf(self, name: str) -> Optional[str]:
+        """Our parameter name for a checkpoint tensor (None: not a parameter, e.g. inv_freq)."""
+
+    def to_hf(self, name: str) -> str:
+        """The checkpoint's tensor name for one of our parameters."""
+
+
+class TextAdapter:
+    architectures = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+
+    def from_hf(self, name: str) -> Optional[str]:
+        if name.endswith("rotary_emb.inv_freq"):
+            return None
+        if name.startswith("model.layers."):
+            return "blocks." + name[len("model.layers."):]
+        if name.startswith("model."):
+            return name[len("model."):]
+        return name  # lm_head.weight
+
+    def to_hf(self, name: str) -> str:
+        if name.startswith("blocks."):
+            return "model.layers." + name[len("blocks."):]
+        if name.startswith("lm_head."):
+            return name
+        return "model." + name
+
+
+class Qwen2VLAdapter:
+    architectures = (qwen2_vl.ARCHITECTURE,)
+
+    def __init__(self, layout: str = "released"):
+        self.layout = layout
+
+    def from_hf(self, name: str) -> Optional[str]:
+        return qwen2_vl.from_hf(name)
+
+    def to_hf(self, name: str) -> str:
+        return qwen2_vl.to_hf(name, self.layout)
+
+
+TEXT = TextAdapter()
+ADAPTERS: dict[str, StateDictAdapter] = {**{a: TEXT for a in TextAdapter.architectures},
+                                         qwen2_vl.ARCHITECTURE: Qwen2VLAdapter()}
+
+
+def adapter_for(architecture: str) -> StateDictAdapter:
+    """The adapter of a `config.json` architecture (KeyError for an unsupported one: callers
+    check the architecture first and name the supported ones)."""
+    return ADAPTERS[architecture]
