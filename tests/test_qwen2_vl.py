@@ -279,3 +279,25 @@ def test_each_family_adapter_maps_every_parameter_both_ways(checkpoints):
     text = adapter_for("Qwen2ForCausalLM")
     assert text.to_hf("blocks.3.mlp.up_proj.weight") == "model.layers.3.mlp.up_proj.weight"
     assert text.from_hf(text.to_hf("norm.weight")) == "norm.weight" and text.from_hf("model.rotary_emb.inv_freq") is None
+
+
+def test_each_fsdp_rank_reads_only_its_rows(trainable, tmp_path):
+    """One process pretending to be rank 0 of 2 (fake backend): it reads about half the bytes."""
+    import subprocess
+    import sys
+
+    from launch import ROOT
+
+    folder, root = trainable
+    full = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e6
+    cmd = [sys.executable, str(ROOT / "pretrain_omni.py"), "--config", str(root / "run.yaml"),
+           f"--model.init_from={folder}", f"--data.path={root / 'conversations.jsonl'}",
+           f"--data.cache_dir={tmp_path / 'cache'}", f"--train.output_dir={tmp_path / 'run'}", "--train.steps=1",
+           "--parallel.backend=fake", "--parallel.fake_world_size=2", "--train.progress_bar=false",
+           "--checkpoint.enabled=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import re
+
+    read = float(re.search(r"this rank read ([0-9.]+) MB", proc.stderr).group(1))
+    assert 0.4 * full < read < 0.6 * full, (read, full)

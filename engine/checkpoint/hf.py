@@ -483,14 +483,14 @@ def load_weights_(model: nn.Module, source: str | Path | WeightFolder,
                   expect: Optional[ModelConfig] = None) -> int:
     """Copy the weights of `source` into `model` in place, streaming one tensor at a time.
 
-    Parameters may be FSDP DTensors: each rank reads the full tensor and keeps its own shard
-    (`src_data_rank=None`: no communication, every rank reads the same bytes). Under expert
+    Parameters may be FSDP DTensors: a rank reads only the rows of its shard (safetensors
+    slices), or, for other placements, the full tensor and keeps its shard (no communication). Under expert
     parallelism a module's `global_rows` ({param: (global shape, first row)}) says which rows
     of the checkpoint's tensor this rank holds: only those are read, then sharded the same way.
     With `expect`, the run's model config is first checked against the checkpoint's. Returns
     bytes read.
     """
-    from engine.parallel.init import copy_full_
+    from engine.parallel.init import copy_full_, local_rows
 
     if expect is not None and not isinstance(source, WeightFolder) and not Path(source).is_dir():
         raise HFCheckpointError(f"model.init_from={source} is not a directory: pass a Hugging Face folder "
@@ -517,6 +517,11 @@ def load_weights_(model: nn.Module, source: str | Path | WeightFolder,
             if e.name in rows_of:  # EP: this rank's experts only
                 first = rows_of[e.name][1]
                 rows = (first, first + param.shape[0])
+            elif param.dim() > 0 and (mine := local_rows(param)) is not None:  # FSDP: this rank's rows only
+                part = reader.read(e, mine)
+                total += part.numel() * part.element_size()
+                param.to_local().copy_(part.to(param.dtype))
+                continue
             full = reader.read(e, rows)
             total += full.numel() * full.element_size()
             copy_full_(param, full)

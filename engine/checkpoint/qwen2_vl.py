@@ -159,8 +159,9 @@ def compose_model_config(run: ModelConfig) -> ModelConfig:
 @torch.no_grad()
 def load_weights_(model: nn.Module, folder: Path) -> int:
     """Stream the checkpoint's tensors into `model`, strictly: every parameter filled once,
-    shapes checked by name. FSDP (DTensor) parameters keep their own shard of each tensor."""
-    from engine.parallel.init import copy_full_
+    shapes checked by name. An FSDP (DTensor) parameter sharded along dim 0 reads only its own
+    rows; others read the full tensor and keep their shard. Returns the bytes read."""
+    from engine.parallel.init import copy_full_, local_rows
 
     from .hf import KeyMismatchError, ShapeMismatchError, clean_name
 
@@ -179,8 +180,13 @@ def load_weights_(model: nn.Module, folder: Path) -> int:
             raise ShapeMismatchError(f"tensor '{key}' in {where} has shape {files.shape(key)} but the model "
                                      f"expects {tuple(params[ours].shape)}: the weights do not match config.json; "
                                      "fix the config or use matching weights")
-        tensor = files.get(key)
-        copy_full_(params[ours], tensor)
+        param, rows = params[ours], local_rows(params[ours])
+        if rows is not None and param.dim() > 0:  # FSDP: read only this rank's rows
+            tensor = files.rows(key, *rows)
+            param.to_local().copy_(tensor.to(param.dtype))
+        else:
+            tensor = files.get(key)
+            copy_full_(param, tensor)
         seen.add(ours)
         total += tensor.numel() * tensor.element_size()
     missing = sorted(set(params) - seen)

@@ -35,8 +35,8 @@ def initial_weights_(model: nn.Module, cfg: Config, device: torch.device, resumi
     if resuming:
         return
     if cfg.model.init_from and qwen2_vl.is_qwen2_vl(expand_path(cfg.model.init_from)):  # the whole omni model
-        qwen2_vl.load_weights_(model, expand_path(cfg.model.init_from))
-        log.info("whole model from init_from=%s", cfg.model.init_from)
+        read = qwen2_vl.load_weights_(model, expand_path(cfg.model.init_from))
+        log.info("whole model from init_from=%s: this rank read %.2f MB", cfg.model.init_from, read / 1e6)
     elif cfg.model.init_from:  # the backbone; each rank keeps its shards
         load_weights_(model, expand_path(cfg.model.init_from), expect=cfg.model)
     for spec in [*cfg.model.encoders, *cfg.model.decoders]:

@@ -44,6 +44,21 @@ def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
         param.copy_(full.to(device=param.device, dtype=param.dtype))
 
 
+def local_rows(param: torch.Tensor) -> tuple[int, int] | None:
+    """[first, last) rows of the full tensor that this rank's shard of `param` holds, when it
+    is sharded along dim 0 only (FSDP; HSDP's replicate axis keeps whole shards): a loader
+    then reads only those rows. None for a plain tensor or another placement."""
+    if not isinstance(param, DTensor):
+        return None
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 0) for p in param.placements):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return int(offset[0]), int(offset[0]) + int(shape[0])
+
+
 @torch.no_grad()
 def load_full_state_(module: nn.Module, state: dict[str, torch.Tensor], where: str, strict: bool = True) -> None:
     """module's parameters and buffers <- the full tensors of `state` (same names and shapes;
