@@ -184,26 +184,33 @@ def trainable(tmp_path_factory, checkpoints):
     return nested, root
 
 
-def test_init_from_alone_composes_the_model_and_trains(trainable, tmp_path):
+@pytest.fixture(scope="module")
+def trained(trainable, tmp_path_factory):
+    """3 steps from model.init_from alone (no model keys), with a checkpoint at the end."""
     from launch import train
 
     folder, root = trainable
-    records = train(tmp_path / "run", 1, f"--model.init_from={folder}", f"--data.path={root / 'conversations.jsonl'}",
-                    f"--data.cache_dir={tmp_path / 'cache'}", config=str(root / "run.yaml"))
+    out = tmp_path_factory.mktemp("trained")
+    records = train(out / "run", 1, f"--model.init_from={folder}", f"--data.path={root / 'conversations.jsonl'}",
+                    f"--data.cache_dir={out / 'cache'}", "--checkpoint.interval=0", config=str(root / "run.yaml"))
+    return records, next((out / "run" / "checkpoints").glob("step_*"))
+
+
+def test_init_from_alone_composes_the_model_and_trains(trained):
+    records, _ = trained
     assert len(records) == 3 and records[-1]["loss"] < records[0]["loss"]
 
 
 @pytest.mark.slow
-def test_one_process_equals_dp2_sp2_sync_and_async_and_hsdp(trainable, tmp_path):
+def test_one_process_equals_dp2_sp2_async_and_hsdp(trainable, tmp_path):
     from launch import assert_close, losses, train
 
     folder, root = trainable
     args = [f"--model.init_from={folder}", f"--data.path={root / 'conversations.jsonl'}",
             f"--data.cache_dir={tmp_path / 'cache'}"]
     ref = train(tmp_path / "one", 1, *args, config=str(root / "run.yaml"))
-    layouts = {"dp2sp2_sync": ["--parallel.sp_size=2", "--parallel.dp_shard=2"],
-               "dp2sp2_async": ["--parallel.sp_size=2", "--parallel.dp_shard=2", "--parallel.sp_async=true"],
-               "hsdp2x2": ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]}
+    layouts = {"dp2sp2_async": ["--parallel.sp_size=2", "--parallel.dp_shard=2", "--parallel.sp_async=true"],
+               "hsdp2x2": ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]}  # sync SP: the images test
     for name, layout in layouts.items():
         got = train(tmp_path / name, 4, *args, *layout, config=str(root / "run.yaml"))
         assert_close(losses(ref), losses(got), rel=1e-5)
@@ -225,17 +232,13 @@ def test_release_to_release_round_trip_is_bitwise(checkpoints, tmp_path):
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
 
 
-def test_trained_checkpoint_exports_to_a_folder_transformers_loads_with_our_logits(trainable, tmp_path):
+def test_trained_checkpoint_exports_to_a_folder_transformers_loads_with_our_logits(trainable, trained, tmp_path):
     from transformers import Qwen2VLForConditionalGeneration
 
     from engine.checkpoint.convert import export_hf
-    from launch import train
 
-    folder, root = trainable
-    train(tmp_path / "run", 1, f"--model.init_from={folder}", f"--data.path={root / 'conversations.jsonl'}",
-          f"--data.cache_dir={tmp_path / 'cache'}", "--checkpoint.interval=0", config=str(root / "run.yaml"))
-    ckpt = next((tmp_path / "run" / "checkpoints").glob("step_*"))
-    out = export_hf(ckpt, tmp_path / "exported")
+    folder, _ = trainable
+    out = export_hf(trained[1], tmp_path / "exported")
     assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
     hf = Qwen2VLForConditionalGeneration.from_pretrained(out).eval()
     ours = engine.load_pretrained(out)
@@ -249,7 +252,7 @@ def test_trained_checkpoint_exports_to_a_folder_transformers_loads_with_our_logi
 
 @pytest.mark.slow
 def test_images_with_mrope_train_alike_on_one_process_and_dp2_sp2(checkpoints, tmp_path):
-    """Vision payloads and [3, B, S] positions (sliced along the sequence under Ulysses SP)."""
+    """Vision payloads and [3, B, S] positions (sliced along the sequence under Ulysses SP, sync)."""
     from launch import ROOT, assert_close, losses, train
 
     _, nested, _ = checkpoints
@@ -258,7 +261,7 @@ def test_images_with_mrope_train_alike_on_one_process_and_dp2_sp2(checkpoints, t
             "--data.seq_len=64", "--train.steps=4"]
     ref = train(tmp_path / "one", 1, *args, config=str(tmp_path / "run.yaml"))
     got = train(tmp_path / "dp2sp2", 4, *args, "--parallel.sp_size=2", "--parallel.dp_shard=2",
-                "--parallel.sp_async=true", config=str(tmp_path / "run.yaml"))
+                config=str(tmp_path / "run.yaml"))
     assert_close(losses(ref), losses(got), rel=1e-5)
     assert ref[-1]["loss"] < ref[0]["loss"]
 
