@@ -304,3 +304,17 @@ def test_each_fsdp_rank_reads_only_its_rows(trainable, tmp_path):
 
     read = float(re.search(r"this rank read ([0-9.]+) MB", proc.stderr).group(1))
     assert 0.4 * full < read < 0.6 * full, (read, full)
+
+
+def test_mrope_sections_that_do_not_fit_the_head_are_one_line_error(checkpoints, tmp_path):
+    import shutil
+
+    from engine.checkpoint.hf import HFCheckpointError
+
+    _, nested, _ = checkpoints
+    shutil.copytree(nested, tmp_path / "bad")
+    config = json.loads((tmp_path / "bad" / "config.json").read_text())
+    config["text_config"]["rope_parameters"]["mrope_section"] = [2, 2, 2]
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HFCheckpointError, match=r"mrope_section=\[2, 2, 2\] must be 3 bands summing to head_dim / 2 = 4"):
+        engine.load_pretrained(tmp_path / "bad")

@@ -2,6 +2,11 @@
 """Peak RSS of `convert_hf_checkpoint.py import/export` on a multi-shard checkpoint (run by hand).
 
     python tools/bench_convert_rss.py [--workdir /tmp/rss] [--hidden 1024 --layers 12 --vocab 32000]
+    python tools/bench_convert_rss.py --family qwen2-vl --workdir /tmp/rss_vl
+
+Qwen2-VL (`--family qwen2-vl`) has no import step (init_from reads the release): it measures
+loading the release into a 2-rank FSDP model (each rank reads its rows) and export
+release -> release.
 
 Builds a random Llama with transformers, saves it with max_shard_size=100MB, imports it,
 writes a 2-rank FSDP DCP checkpoint of it (loaded with `model.init_from`'s streaming
@@ -95,6 +100,82 @@ def largest(path: Path, pattern: str) -> int:
     return max(p.stat().st_size for p in path.glob(pattern))
 
 
+_QWEN2_VL_FSDP_LOAD = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {root!r})
+    import torch, torch.distributed as dist
+    from pathlib import Path
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from engine.checkpoint import qwen2_vl
+    from engine.models import build_model
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    cfg, _ = qwen2_vl.config_from_hf(json.loads(Path({hf!r}, "config.json").read_text()))
+    with torch.device("meta"):
+        model = build_model(cfg)
+    for block in [*model.backbone.blocks.values(), *model.encoders["vision"].blocks]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.to_local().zero_()  # page in this rank's shards: the baseline includes them
+    base = status("VmRSS:")
+    open("/proc/self/clear_refs", "w").write("5")
+    read = qwen2_vl.load_weights_(model, Path({hf!r}))
+    print(json.dumps({{"rank": dist.get_rank(), "baseline": base, "peak": status("VmHWM:"), "read": read}}))
+    dist.destroy_process_group()
+""")
+
+
+def qwen2_vl_main(args) -> None:
+    work = Path(args.workdir)
+    hf, exp = work / "hf", work / "exported"
+    if not (hf / "model.safetensors.index.json").is_file():
+        run_python(textwrap.dedent(f"""
+            import torch
+            from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+            torch.manual_seed(0)
+            cfg = Qwen2VLConfig(
+                text_config=dict(vocab_size={args.vocab}, hidden_size={args.hidden}, intermediate_size={args.intermediate},
+                                 num_hidden_layers={args.layers}, num_attention_heads=16, num_key_value_heads=8,
+                                 rope_scaling={{"type": "mrope", "mrope_section": [8, 12, 12]}}),
+                vision_config=dict(depth=8, embed_dim=512, num_heads=8, hidden_size={args.hidden}, patch_size=14,
+                                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+                image_token_id=1, video_token_id=2, vision_start_token_id=3, vision_end_token_id=4)
+            Qwen2VLForConditionalGeneration(cfg).save_pretrained({str(hf)!r}, max_shard_size={args.shard!r})
+        """))
+    mb, biggest = 1e6, largest(hf, "*.safetensors")
+    total = sum(p.stat().st_size for p in hf.glob("*.safetensors"))
+    rows = []
+    for r in sorted(run_python(_QWEN2_VL_FSDP_LOAD.format(root=str(ROOT), hf=str(hf)), nproc=2),
+                    key=lambda r: r["rank"]):
+        rows.append((f"init_from load, FSDP rank {r['rank']}/2 (read {r['read'] / mb:.0f} MB)", biggest, r))
+    call = f"export_hf({str(hf)!r}, {str(exp)!r}, max_shard_size=parse_size({args.shard!r}))"
+    rows.append(("export release -> release", biggest, run_python(_MEASURE.format(root=str(ROOT), call=call))[0]))
+    print(f"Qwen2-VL: {total / mb:.0f} MB in {len(list(hf.glob('*.safetensors')))} safetensors shards "
+          f"(largest {biggest / mb:.0f} MB)")
+    report(rows, work)
+
+
+def report(rows, work: Path) -> None:
+    mb = 1e6
+    print(f"{'step':44s} {'baseline MB':>12s} {'peak MB':>9s} {'peak-base':>10s} {'largest input':>14s} {'ratio':>6s}")
+    out = []
+    for name, biggest, r in rows:
+        delta = r["peak"] - r["baseline"]
+        print(f"{name:44s} {r['baseline'] / mb:12.0f} {r['peak'] / mb:9.0f} {delta / mb:10.0f} {biggest / mb:14.0f} "
+              f"{delta / biggest:6.2f}")
+        out.append({"step": name, "baseline_bytes": r["baseline"], "peak_bytes": r["peak"], "largest_input_bytes": biggest})
+    (work / "rss.json").write_text(json.dumps(out, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="/tmp/omni_rss")
@@ -103,7 +184,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--shard", default="100MB")
+    ap.add_argument("--family", choices=("llama", "qwen2-vl"), default="llama")
     args = ap.parse_args()
+    if args.family == "qwen2-vl":
+        return qwen2_vl_main(args)
     work = Path(args.workdir)
     hf, imp, dcp_dir, exp = work / "hf", work / "imported", work / "dcp" / "step_00000001", work / "exported"
     if not (hf / "model.safetensors.index.json").is_file():
@@ -131,14 +215,7 @@ def main() -> None:
     print(f"model: {total / mb:.0f} MB in {len(list(hf.glob('*.safetensors')))} safetensors shards "
           f"(largest {largest(hf, '*.safetensors') / mb:.0f} MB); export wrote {len(list(exp.glob('*.safetensors')))} "
           f"shards (largest {largest(exp, '*.safetensors') / mb:.0f} MB)")
-    print(f"{'step':32s} {'baseline MB':>12s} {'peak MB':>9s} {'peak-base':>10s} {'largest input':>14s} {'ratio':>6s}")
-    out = []
-    for name, biggest, r in rows:
-        delta = r["peak"] - r["baseline"]
-        print(f"{name:32s} {r['baseline'] / mb:12.0f} {r['peak'] / mb:9.0f} {delta / mb:10.0f} {biggest / mb:14.0f} "
-              f"{delta / biggest:6.2f}")
-        out.append({"step": name, "baseline_bytes": r["baseline"], "peak_bytes": r["peak"], "largest_input_bytes": biggest})
-    (work / "rss.json").write_text(json.dumps(out, indent=2))
+    report(rows, work)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,10 @@ def config_from_hf(hf: dict, source: str = "config.json") -> tuple[ModelConfig, 
     spec = {"name": "vision", **vision, "project": False, "placeholder": int(ids["image_token_id"])}
     cfg.encoders = [spec]
     cfg.mrope_section = [int(s) for s in section]
+    half = (cfg.head_dim or cfg.hidden_size // cfg.num_heads) // 2
+    if len(cfg.mrope_section) != 3 or sum(cfg.mrope_section) != half:
+        raise HFCheckpointError(f"{source}: mrope_section={cfg.mrope_section} must be 3 bands summing to head_dim / 2 "
+                                f"= {half}: fix config.json")
     media = MediaTokens(int(ids["image_token_id"]), int(ids["video_token_id"]),
                         None if ids["vision_start_token_id"] is None else int(ids["vision_start_token_id"]),
                         int(vision.get("spatial_merge_size", 2)))
