@@ -108,6 +108,3 @@ class TensorFiles:
     def read(self, prefixes: tuple[str, ...] = ("",)) -> dict[str, torch.Tensor]:
         """Every tensor whose name starts with one of `prefixes`, in file order."""
         return {k: self.get(k) for k in self.where if k.startswith(prefixes)}
-
-    def close(self) -> None:
-        self._handle = None

@@ -63,3 +63,13 @@ def assert_gradients_close(got: dict, ref: dict, rel: float) -> None:
     for name in ref:
         err = ((got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-30)).item()
         assert err <= rel, f"{name}: relative gradient error {err:.2e} > {rel:.0e}"
+
+
+def tool(name: str):
+    """A script under tools/ imported as a module (its `main(argv)` returns the exit code)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

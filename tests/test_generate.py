@@ -5,7 +5,6 @@ the CLI prints a continuation and turns mistakes into one line with exit code 2.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 
 import engine
 from engine.models.generate import greedy_generate
+from launch import tool
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,11 +130,7 @@ def test_qwen2_vl_image_prompt_tokens_equal_transformers(tmp_path):
 
 # ---- the command line ------------------------------------------------------------------
 def run_cli(*argv: str) -> int:
-    path = Path(__file__).resolve().parents[1] / "tools" / "generate.py"
-    spec = importlib.util.spec_from_file_location("generate_cli", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(list(argv))
+    return tool("generate").main(list(argv))
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +159,7 @@ def test_cli_prints_the_greedy_continuation(chat_folder, capsys):
 
 def test_cli_chat_renders_the_template_with_special_tokens(chat_folder, capsys):
     folder, tokenizer = chat_folder
-    cli = importlib.util.module_from_spec(spec := importlib.util.spec_from_file_location(
-        "generate_cli", Path(__file__).resolve().parents[1] / "tools" / "generate.py"))
-    spec.loader.exec_module(cli)
+    cli = tool("generate")
     ids = cli.prompt_ids(folder, tokenizer, "hello", chat=True, bos=False)
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
     want = hf_tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,

@@ -4,7 +4,6 @@ Every reference model is a tiny random transformers model built from a config an
 offline; nothing is downloaded.
 """
 
-import importlib.util
 import io
 import json
 import shutil
@@ -18,7 +17,7 @@ import engine
 from engine.checkpoint.convert import export_hf, import_hf
 from engine.checkpoint.hf import (HFCheckpointError, KeyMismatchError, MissingShardError, ShapeMismatchError,
                                   UnsupportedArchitectureError, load_weights_)
-from launch import TINY, assert_close, losses, train
+from launch import TINY, assert_close, losses, tool, train
 from safetensors_files import tensors
 
 transformers = pytest.importorskip("transformers")
@@ -292,8 +291,4 @@ def test_export_with_the_wrong_config_is_a_shape_error(tiny_import, tmp_path):
 
 
 def run_cli(*argv: str) -> int:
-    path = Path(__file__).resolve().parents[1] / "tools" / "convert_hf_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("convert_hf_checkpoint", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(list(argv))
+    return tool("convert_hf_checkpoint").main(list(argv))

@@ -26,6 +26,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+_STATUS = """
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+"""
+
 # Runs in a fresh process: imports, records the baseline, resets the peak, converts, reports.
 _MEASURE = textwrap.dedent("""
     import json, sys
@@ -34,37 +41,29 @@ _MEASURE = textwrap.dedent("""
     import torch.distributed.checkpoint
     from engine.checkpoint.convert import export_hf, import_hf
     from engine.checkpoint.safetensors_io import parse_size
-
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
+""" + _STATUS + """
     base = status("VmRSS:")
     open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
     {call}
     print(json.dumps({{"baseline": base, "peak": status("VmHWM:")}}))
 """)
 
-_DCP_WRITER = textwrap.dedent("""
-    import json, os, sys
+# One rank of a 2-rank FSDP model ({setup}, then {model} built on meta, its {blocks} sharded)
+# loading weights ({load}, returning bytes read) with its own shards paged in; then {after}.
+_FSDP_LOAD = textwrap.dedent("""
+    import json, sys
     sys.path.insert(0, {root!r})
-    import torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+    from pathlib import Path
+    import torch, torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    from engine.checkpoint.hf import WeightFolder, load_weights_
-    from engine.models.dense import DenseTransformer
-
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
+""" + _STATUS + """
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    folder = WeightFolder({hf!r})
+    {setup}
     with torch.device("meta"):
-        model = DenseTransformer(folder.model_config())
-    for block in model.blocks.values():
+        model = {model}
+    for block in {blocks}:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     model.to_empty(device="cpu")
@@ -73,13 +72,29 @@ _DCP_WRITER = textwrap.dedent("""
             p.to_local().zero_()  # page in this rank's shards: the baseline includes them
     base = status("VmRSS:")
     open("/proc/self/clear_refs", "w").write("5")
-    load_weights_(model, folder)
+    read = {load}
     peak = status("VmHWM:")
-    dcp.save({{"model": get_model_state_dict(model)}}, checkpoint_id={out!r})
-    print(json.dumps({{"rank": dist.get_rank(), "baseline": base, "peak": peak}}))
+    {after}
+    print(json.dumps({{"rank": dist.get_rank(), "baseline": base, "peak": peak, "read": read}}))
     del model
     dist.destroy_process_group()
 """)
+
+_LLAMA = dict(setup="from engine.checkpoint.hf import WeightFolder, load_weights_; "
+                    "from engine.models.dense import DenseTransformer; folder = WeightFolder({hf!r})",
+              model="DenseTransformer(folder.model_config())", blocks="model.blocks.values()",
+              load="load_weights_(model, folder)",
+              after="import torch.distributed.checkpoint as dcp; "
+                    "from torch.distributed.checkpoint.state_dict import get_model_state_dict; "
+                    "dcp.save({{'model': get_model_state_dict(model)}}, checkpoint_id={out!r})")
+_QWEN2_VL = dict(setup="from engine.checkpoint import qwen2_vl; from engine.models import build_model; "
+                       "cfg, _ = qwen2_vl.config_from_hf(json.loads(Path({hf!r}, 'config.json').read_text()))",
+                 model="build_model(cfg)", blocks="[*model.backbone.blocks.values(), *model.encoders['vision'].blocks]",
+                 load="qwen2_vl.load_weights_(model, Path({hf!r}))", after="pass")
+
+
+def fsdp_load_code(parts: dict, **values) -> str:
+    return _FSDP_LOAD.format(root=str(ROOT), **{k: v.format(**values) for k, v in parts.items()})
 
 
 def run_python(code: str, nproc: int = 1) -> list[dict]:
@@ -98,40 +113,6 @@ def run_python(code: str, nproc: int = 1) -> list[dict]:
 
 def largest(path: Path, pattern: str) -> int:
     return max(p.stat().st_size for p in path.glob(pattern))
-
-
-_QWEN2_VL_FSDP_LOAD = textwrap.dedent("""
-    import json, sys
-    sys.path.insert(0, {root!r})
-    import torch, torch.distributed as dist
-    from pathlib import Path
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from engine.checkpoint import qwen2_vl
-    from engine.models import build_model
-
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    dist.init_process_group("gloo")
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    cfg, _ = qwen2_vl.config_from_hf(json.loads(Path({hf!r}, "config.json").read_text()))
-    with torch.device("meta"):
-        model = build_model(cfg)
-    for block in [*model.backbone.blocks.values(), *model.encoders["vision"].blocks]:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.to_local().zero_()  # page in this rank's shards: the baseline includes them
-    base = status("VmRSS:")
-    open("/proc/self/clear_refs", "w").write("5")
-    read = qwen2_vl.load_weights_(model, Path({hf!r}))
-    print(json.dumps({{"rank": dist.get_rank(), "baseline": base, "peak": status("VmHWM:"), "read": read}}))
-    dist.destroy_process_group()
-""")
 
 
 def qwen2_vl_main(args) -> None:
@@ -154,7 +135,7 @@ def qwen2_vl_main(args) -> None:
     mb, biggest = 1e6, largest(hf, "*.safetensors")
     total = sum(p.stat().st_size for p in hf.glob("*.safetensors"))
     rows = []
-    for r in sorted(run_python(_QWEN2_VL_FSDP_LOAD.format(root=str(ROOT), hf=str(hf)), nproc=2),
+    for r in sorted(run_python(fsdp_load_code(_QWEN2_VL, hf=str(hf)), nproc=2),
                     key=lambda r: r["rank"]):
         rows.append((f"init_from load, FSDP rank {r['rank']}/2 (read {r['read'] / mb:.0f} MB)", biggest, r))
     call = f"export_hf({str(hf)!r}, {str(exp)!r}, max_shard_size=parse_size({args.shard!r}))"
@@ -203,7 +184,7 @@ def main() -> None:
     rows = []
     r = run_python(_MEASURE.format(root=str(ROOT), call=f"import_hf({str(hf)!r}, {str(imp)!r})"))[0]
     rows.append(("import", largest(hf, "*.safetensors"), r))
-    ranks = run_python(_DCP_WRITER.format(root=str(ROOT), hf=str(hf), out=str(dcp_dir)), nproc=2)
+    ranks = run_python(fsdp_load_code(_LLAMA, hf=str(hf), out=str(dcp_dir)), nproc=2)
     for r in sorted(ranks, key=lambda r: r["rank"]):
         rows.append((f"init_from load, FSDP rank {r['rank']}/2", max(largest(hf, "*.safetensors"), 0), r))
     (work / "config.yaml").write_text((imp / "config.yaml").read_text())

@@ -57,6 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from machine_info import save_report  # noqa: E402  (stdlib only)
+
 PARTS = ("prepare", "memory", "loader")
 MiB = 1 << 20
 
@@ -153,16 +155,6 @@ def machine() -> dict:
             "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
             "numpy": numpy.__version__, "platform": platform.platform(),
             "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM")}
-
-
-def save(report: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
-        json.dump(report, f, indent=1)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(f.name, 0o666 & ~umask)  # NamedTemporaryFile creates 0600
-    os.replace(f.name, out)
 
 
 def table(header: list[str], rows: list[list], align: str) -> str:
@@ -429,7 +421,7 @@ def part_memory(args, work: Path, report: dict) -> tuple[dict, list[str]]:
         result["folders"][name] = {"tokens": meta["tokens"], "documents": meta["documents"],
                                    "shards": len(meta["shards"]), "disk_bytes": disk, "write_s": write_s, **probe}
         report["parts"]["memory"] = result  # the small folder's numbers survive a failure on the large one
-        save(report, Path(args.out))
+        save_report(report, Path(args.out))
     s, l = result["folders"]["small"], result["folders"]["large"]
     diff = l["peak_rss_mib"] - s["peak_rss_mib"]
     ok = abs(diff) <= args.max_rss_diff_mb
@@ -542,7 +534,7 @@ def part_loader(args, mat: Materials, work: Path, report: dict) -> tuple[dict, l
         result["rows"]["conversations"] = {"not_run": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"}
         conv_failure = f"loader: the conversations source failed: {result['rows']['conversations']['not_run']}"
     report["parts"]["loader"] = result
-    save(report, Path(args.out))
+    save_report(report, Path(args.out))
     failures = [conv_failure] if conv_failure else []
     try:
         result["training"] = train_tokens_per_s(args, mat, folder, work)
@@ -598,7 +590,7 @@ def main(argv=None) -> int:
               "machine": info, "load_average_before": load_before, "quick": args.quick,
               "settings": {k: v for k, v in vars(args).items() if k not in ("probe_memory", "out")},
               "scratch": str(work), "status": "running", "parts": {}, "failures": []}
-    save(report, out)
+    save_report(report, out)
     mat = Materials(args, work)
     failures: list[str] = []
     try:
@@ -615,7 +607,7 @@ def main(argv=None) -> int:
             report["parts"][part] = result
             failures += fails
             report["failures"], report["setup_timings"] = failures, mat.timings
-            save(report, out)
+            save_report(report, out)
         report["status"] = "done"
     except BaseException as e:
         report["status"] = f"crashed: {type(e).__name__}: {e}"
@@ -623,7 +615,7 @@ def main(argv=None) -> int:
     finally:
         report["total_wall_s"] = time.perf_counter() - started
         report["failures"], report["setup_timings"] = failures, mat.timings
-        save(report, out)
+        save_report(report, out)
         if args.keep:
             print(f"kept {work}")
         else:

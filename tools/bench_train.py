@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "tools"))
-from machine_info import cpu_model  # noqa: E402
+from machine_info import cpu_model, save_report  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -419,13 +419,7 @@ def main(argv=None) -> dict:
         "results": results,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
-        json.dump(report, f, indent=1)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(f.name, 0o666 & ~umask)  # NamedTemporaryFile creates 0600
-    os.replace(f.name, out)
+    save_report(report, out)
     print(f"wrote {out}")
     if cache is not None:
         cache.cleanup()

@@ -1,7 +1,11 @@
-"""What the benchmark reports record about the machine they ran on (shared by tools/bench_*.py)."""
+"""What the benchmark reports record about the machine they ran on, and how they are saved
+(shared by tools/bench_*.py)."""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -15,3 +19,14 @@ def cpu_model(default: Optional[str] = None) -> Optional[str]:
     except OSError:
         pass
     return default
+
+
+def save_report(report: dict, out: Path) -> None:
+    """Write the JSON report atomically (a reader never sees half a file), world-readable."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
+        json.dump(report, f, indent=1)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f.name, 0o666 & ~umask)  # NamedTemporaryFile creates 0600
+    os.replace(f.name, out)

@@ -38,7 +38,6 @@ ARCHITECTURE = "Qwen2VLForConditionalGeneration"
 class MediaTokens:
     image: int
     video: int
-    vision_start: Optional[int]
     merge: int
 
 
@@ -69,7 +68,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> tuple[ModelConfig, 
     if vision.get("hidden_size", cfg.hidden_size) != cfg.hidden_size:
         raise HFCheckpointError(f"{source}: vision_config.hidden_size={vision['hidden_size']} differs from the text "
                                 f"model's hidden_size={cfg.hidden_size}: fix config.json")
-    ids = {k: hf.get(k, text.get(k)) for k in ("image_token_id", "video_token_id", "vision_start_token_id")}
+    ids = {k: hf.get(k, text.get(k)) for k in ("image_token_id", "video_token_id")}
     if ids["image_token_id"] is None or ids["video_token_id"] is None:
         raise HFCheckpointError(f"{source}: a {ARCHITECTURE} config needs image_token_id and video_token_id")
     spec = {"name": "vision", **vision, "project": False, "placeholder": int(ids["image_token_id"])}
@@ -79,9 +78,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> tuple[ModelConfig, 
     if len(cfg.mrope_section) != 3 or sum(cfg.mrope_section) != half:
         raise HFCheckpointError(f"{source}: mrope_section={cfg.mrope_section} must be 3 bands summing to head_dim / 2 "
                                 f"= {half}: fix config.json")
-    media = MediaTokens(int(ids["image_token_id"]), int(ids["video_token_id"]),
-                        None if ids["vision_start_token_id"] is None else int(ids["vision_start_token_id"]),
-                        int(vision.get("spatial_merge_size", 2)))
+    media = MediaTokens(int(ids["image_token_id"]), int(ids["video_token_id"]), int(vision.get("spatial_merge_size", 2)))
     return cfg, media
 
 

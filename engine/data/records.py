@@ -86,12 +86,6 @@ def iter_unit(unit: tuple[str, int, int], skips: SkipCounter) -> Iterator[tuple[
         yield from _jsonl_rows(path, start, end, skips)
 
 
-def iter_rows(path: Path, skips: SkipCounter) -> Iterator[tuple[str, dict]]:
-    """Every row of a file (one unit)."""
-    for unit in work_units(path, chunk_bytes=1 << 62):
-        yield from iter_unit(unit, skips)
-
-
 def _jsonl_rows(path: Path, start: int, end: int, skips: SkipCounter) -> Iterator[tuple[str, dict]]:
     """Lines that start in [start, end): a range owns the line that crosses its end."""
     try:
@@ -101,7 +95,6 @@ def _jsonl_rows(path: Path, start: int, end: int, skips: SkipCounter) -> Iterato
             skips.skip("unreadable_file", str(path), f"cannot be read ({e.strerror})")
         return
     with f:
-        number = None
         if start > 0:
             f.seek(start - 1)
             if f.read(1) != b"\n":
@@ -111,22 +104,20 @@ def _jsonl_rows(path: Path, start: int, end: int, skips: SkipCounter) -> Iterato
             raw = f.readline()
             if not raw:
                 break
+            where = _LazyWhere(path, pos)  # the line number is counted only if a message needs it
             pos += len(raw)
             if not raw.strip():
                 continue
             try:
-                line = raw.decode("utf-8")
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                number = number or _line_number(path, pos - len(raw))
                 why = "is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"is not valid JSON ({e.msg})"
-                skips.skip("bad_json", f"{path}:{number}", why)
+                skips.skip("bad_json", where, why)
                 continue
             if not isinstance(row, dict):
-                skips.skip("bad_json", f"{path}:{_line_number(path, pos - len(raw))}", "is not a JSON object")
+                skips.skip("bad_json", where, "is not a JSON object")
                 continue
-            yield _LazyWhere(path, pos - len(raw)), row
-            number = None
+            yield where, row
 
 
 class _LazyWhere:

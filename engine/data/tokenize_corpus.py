@@ -26,6 +26,7 @@ from typing import Optional
 from .errors import DataError
 from .records import SkipCounter, iter_unit, work_units
 from .token_shards import ShardWriter, write_meta
+from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,6 @@ class Encoder:
     """Rows -> (ids, mask) under one EncodeSpec (built in each worker process)."""
 
     def __init__(self, spec: EncodeSpec):
-        from .tokenizer import load_tokenizer
-
         self.spec = spec
         self.tokenizer = load_tokenizer(spec.tokenizer)
         if spec.kind == "conversations":
@@ -163,7 +162,7 @@ def prepare_folder(files: list[Path], out: Path, spec: EncodeSpec, processes: in
             with mp.get_context("spawn").Pool(processes, initializer=_init_worker, initargs=(spec,)) as pool:
                 results = pool.map(_encode_unit, jobs, chunksize=1)
         skipped = sum((c for _, c in results), Counter())
-        tokenizer = {"path": spec.tokenizer, "vocab_size": _vocab_size(spec), "spec": asdict(spec),
+        tokenizer = {"path": spec.tokenizer, "vocab_size": load_tokenizer(spec.tokenizer).vocab_size, "spec": asdict(spec),
                      "fingerprint": spec.tokenizer_fingerprint()}
         meta = write_meta(tmp, [r for r, _ in results], spec.kind, tokenizer, skipped, [str(f) for f in files])
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -178,10 +177,3 @@ def prepare_folder(files: list[Path], out: Path, spec: EncodeSpec, processes: in
              meta["documents"], meta["tokens"], len(files), meta["seconds"], processes,
              f"; skipped {meta['skipped']}" if meta["skipped"] else "")
     return meta
-
-
-def _vocab_size(spec: EncodeSpec) -> int:
-    encoder = _WORKER.get("encoder")
-    if encoder is None or encoder.spec != spec:
-        encoder = Encoder(spec)
-    return encoder.tokenizer.vocab_size

@@ -35,7 +35,7 @@ from .cache import file_lock
 from .errors import DataError
 from .omni_packing import OmniSample, pack_rows
 from .packing import PackedTextDataset
-from .records import SkipCounter, expand_data_paths
+from .records import expand_data_paths
 from .token_shards import TokenShards, is_prepared
 from .tokenize_corpus import EncodeSpec, prepare_folder
 
@@ -185,7 +185,7 @@ class Draws:
         self.bases = np.cumsum([0, *sizes])
         w = np.asarray(weights if weights else [1.0] * len(sizes), dtype=np.float64)
         w = w / w.sum()
-        self.pattern = np.zeros(self.CHUNK if len(sizes) > 1 else 0, dtype=np.int32)
+        self.pattern = np.zeros(self.CHUNK if len(sizes) > 1 and not sequential else 0, dtype=np.int32)
         self.within = np.zeros(len(self.pattern), dtype=np.int64)  # the source's draws before, in the chunk
         taken = np.zeros(len(sizes), dtype=np.int64)
         for k in range(len(self.pattern)):
@@ -306,10 +306,6 @@ class UserData:
         if self.packed:
             samples = [[self.sources[s].sample(i) for s, i in self._row(r)] for r in rows]
             batch = pack_rows(samples, self.seq_len, self.pad_id, {}, [], {})
-            groups = [[s for s, i in self._row(r) for _ in range(self.sources[s].length(i))] for r in rows]
-            loss_groups = torch.full_like(batch.input_ids, -1)
-            for j, g in enumerate(groups):
-                loss_groups[j, :len(g)] = torch.tensor(g, dtype=torch.long)
         else:
             picked = [(self._row(r) or [(0, 0)])[0] for r in rows]  # an empty row: any window, no targets
             samples = [self.sources[s].sample(i) for s, i in picked]
@@ -317,11 +313,18 @@ class UserData:
             empty = torch.tensor([not self._row(r) for r in rows])
             if empty.any():
                 batch = batch.replace(labels=batch.labels.masked_fill(empty[:, None], IGNORE_INDEX))
-            loss_groups = torch.tensor([[s] for s, _ in picked]).expand_as(batch.input_ids)
-        if len(self.sources) > 1:
-            batch = batch.replace(loss_groups=loss_groups.masked_fill(batch.labels == IGNORE_INDEX, -1).contiguous(),
-                                  loss_group_names=tuple(self.names))
+        if len(self.sources) > 1:  # a mixture: the source of each target, for the per-source losses
+            batch = batch.replace(loss_groups=self._loss_groups(rows, batch), loss_group_names=tuple(self.names))
         return batch
+
+    def _loss_groups(self, rows: list[int], batch: Batch) -> torch.Tensor:
+        groups = torch.full_like(batch.input_ids, -1)
+        for j, r in enumerate(rows):
+            row = self._row(r)
+            sizes = [self.sources[s].length(i) for s, i in row] if self.packed else [self.seq_len] * len(row)
+            g = np.repeat([s for s, _ in row], sizes)
+            groups[j, :len(g)] = torch.from_numpy(g)
+        return groups.masked_fill(batch.labels == IGNORE_INDEX, -1)
 
     def micro_batches(self, step, global_batch_size, dp_rank, dp_size, micro_batch_size) -> list[Batch]:
         per_rank = global_batch_size // dp_size
