@@ -20,6 +20,11 @@ setup(
         "tokenizers",  # tokenizer.json files and data.tokenizer=bpe
         "jinja2",  # chat templates (data.dataset=conversations)
         "pyarrow",  # Parquet data files
+        # media inside conversations: images, audio (read, resampled to 16 kHz), video
+        "pillow",
+        "soundfile",
+        "soxr",
+        "av",
     ],
     extras_require={
         # the omni-digits demo dataset (omni_datasets/): scikit-learn's digits, PNG grids, resampling

@@ -160,6 +160,21 @@ class DataConfig:
     plugins: list[str] = field(default_factory=list)
     """Modules (dotted names or .py paths) imported before the data is built, so that the
     datasets they define with `register_dataset` can be named in data.dataset."""
+    min_pixels: Optional[int] = None
+    """conversations with images and videos: fewest pixels an image or a video frame is resized to
+    (Qwen2-VL's smart_resize); None: the tokenizer folder's preprocessor_config.json, else
+    Qwen2-VL's own (56 * 56 for images, 128 * 28 * 28 for video frames)."""
+    max_pixels: Optional[int] = None
+    """conversations with images and videos: most pixels an image or a video frame is resized to;
+    None: the folder's preprocessor_config.json, else Qwen2-VL's own (28 * 28 * 1280 for images,
+    768 * 28 * 28 for video frames)."""
+    video_fps: float = 2.0
+    """conversations with videos: frames sampled per second of video (Qwen2-VL's default)."""
+    max_frames: int = 768
+    """conversations with videos: at most this many frames sampled from one video."""
+    num_workers: int = 0
+    """Background processes that build (and decode the media of) the coming steps' batches;
+    0 builds them in the training process."""
 
 
 @dataclass
@@ -426,6 +441,18 @@ def validate(cfg: Config) -> None:
                               f"({len(paths)})")
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError(f"config key 'data.eval_fraction' must be in [0, 1), got {d.eval_fraction}")
+    for key in ("min_pixels", "max_pixels"):
+        if getattr(d, key) is not None and getattr(d, key) < 1:
+            raise ConfigError(f"config key 'data.{key}' must be >= 1 (pixels), got {getattr(d, key)}")
+    if d.min_pixels and d.max_pixels and d.min_pixels > d.max_pixels:
+        raise ConfigError(f"config keys 'data.min_pixels'={d.min_pixels} > 'data.max_pixels'={d.max_pixels}: the "
+                          "smallest image size must not exceed the largest")
+    if not d.video_fps > 0 or d.max_frames < 1:
+        raise ConfigError(f"config keys 'data.video_fps'={d.video_fps} and 'data.max_frames'={d.max_frames} must be "
+                          "> 0 and >= 1")
+    if d.num_workers < 0:
+        raise ConfigError(f"config key 'data.num_workers' must be >= 0 (0: build batches in the training process), "
+                          f"got {d.num_workers}")
     if t.eval_interval < 0 or t.eval_batches < 0:
         raise ConfigError("config keys 'train.eval_interval' and 'train.eval_batches' must be >= 0")
     if d.micro_batch_size < 0:

@@ -30,8 +30,9 @@ def main(argv: list[str]) -> int:
     from engine.config import ConfigError, load_config, parse_overrides
     from engine.data.errors import DataError
     from engine.data.records import expand_data_paths
-    from engine.data.tokenize_corpus import EncodeSpec, prepare_folder
-    from engine.data.user_data import resolve_tokenizer
+    from engine.data.sources import dataset_parts
+    from engine.data.tokenize_corpus import prepare_folder
+    from engine.data.user_data import encode_spec
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="the prepared folder to write (replaced if it exists)")
@@ -51,8 +52,7 @@ def main(argv: list[str]) -> int:
             raise ConfigError("config key 'data.path' is empty: name the files to tokenise")
         if args.processes < 1:
             raise ConfigError(f"--processes={args.processes} must be >= 1")
-        spec = EncodeSpec(kind=d.dataset, tokenizer=resolve_tokenizer(cfg), text_field=d.text_field,
-                          chat_template=d.chat_template, train_on=d.train_on)
+        spec = encode_spec(cfg, dataset_parts(cfg))
         files = expand_data_paths(d.path)
         meta = prepare_folder(files, Path(args.out), spec, args.processes, d.strict,
                               chunk_bytes=int(args.chunk_mb * (1 << 20)))

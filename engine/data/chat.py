@@ -60,6 +60,7 @@ __all__ = ["ROLES", "ChatTemplate", "ConversationError", "encode_conversation", 
            "special_tokens"]
 
 ROLES = ("system", "user", "assistant", "tool")
+MEDIA_TYPES = ("image", "video", "audio")  # content parts read by a model part (engine/data/conversation_media.py)
 TRAIN_ON = ("assistant", "all")
 # The names transformers passes to the template (`SPECIAL_TOKENS_ATTRIBUTES`), when the tokenizer has them.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -270,13 +271,18 @@ class ChatTemplate:
 
 
 def _text(content) -> str | None:
-    """The text of a message's content (a string, or a list of text parts); None if it is neither."""
+    """The text of a message's content (a string, or a list of text and media parts); None if it is
+    neither."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
+    if isinstance(content, list) and all(isinstance(p, dict) and (p.get("type") in MEDIA_TYPES or (
+            p.get("type") == "text" and isinstance(p.get("text"), str))) for p in content):
+        return "".join(p["text"] for p in content if p["type"] == "text")
     return None
+
+
+def _has_media(content) -> bool:
+    return isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in MEDIA_TYPES for p in content)
 
 
 def _normalized(message):
@@ -291,7 +297,7 @@ def _normalized(message):
     return message
 
 
-def _prepared(messages, train_on: str) -> list[dict]:
+def _prepared(messages, train_on: str, media: bool = False) -> list[dict]:
     """Checked and normalized messages."""
     if not isinstance(messages, (list, tuple)) or not messages or not all(isinstance(m, dict) for m in messages):
         raise ConversationError("no_messages", "a conversation must be a non-empty list of message dicts, got "
@@ -307,7 +313,12 @@ def _prepared(messages, train_on: str) -> list[dict]:
         if text is None and not (role == "assistant" and "content" not in message):
             raise ConversationError("bad_content", f"message {i} ({role}) has content of type "
                                                    f"{type(message.get('content')).__name__}: give a string, or a "
-                                                   "list of {'type': 'text', 'text': ...} parts")
+                                                   "list of {'type': 'text', 'text': ...} and media parts")
+        if not media and _has_media(message.get("content")):
+            kinds = sorted({p["type"] for p in message["content"] if isinstance(p, dict) and p.get("type") in MEDIA_TYPES})
+            raise ConversationError("media_without_part", f"message {i} ({role}) holds {'/'.join(kinds)} parts but "
+                                                          "the model has no part to read them: add a vision / audio "
+                                                          "encoder to model.encoders, or drop the media")
         if role == "assistant" and not (text or "").strip() and not message.get("tool_calls"):
             raise ConversationError("empty_assistant", f"message {i} (assistant) has empty content and no "
                                                        "tool_calls: fill it in or drop the turn")
@@ -394,20 +405,25 @@ def _overlap_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) 
 
 
 def encode_conversation(tokenizer, template: ChatTemplate, messages: list[dict], train_on: str = "assistant",
-                        tools: list[dict] | None = None) -> tuple[list[int], list[bool]]:
+                        tools: list[dict] | None = None, *, media: bool = False, encode=None,
+                        add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
     """Token ids of the conversation rendered with `template` (equal to transformers'
     ``apply_chat_template(messages, tools=tools, tokenize=True)``) and, per token, whether it is
     a training target: every token for ``train_on="all"``, else the assistant turns' tokens (rules
     in the module docstring). `tokenizer` needs ``encode_with_offsets`` (a `JsonTokenizer` from
-    `load_tokenizer`, which parses special tokens spelled in the text). Raises `ConversationError`."""
+    `load_tokenizer`, which parses special tokens spelled in the text). Raises `ConversationError`.
+
+    `media`: media content parts are allowed (engine/data/conversation_media.py expands them);
+    `encode`: text -> (ids, offsets) in place of the tokenizer's; `add_generation_prompt`: end
+    with the assistant's header (a prompt to generate from; use train_on="all")."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on={train_on!r}: use one of {', '.join(TRAIN_ON)}")
-    encode = getattr(tokenizer, "encode_with_offsets", None)
+    encode = encode or getattr(tokenizer, "encode_with_offsets", None)
     if encode is None:
         raise TokenizerError(f"{tokenizer!r} gives no token offsets: chat data needs a tokenizer.json tokenizer "
                              "(the folder transformers saved)")
-    messages = _prepared(messages, train_on)
-    text, spans = template.render(messages, tools)
+    messages = _prepared(messages, train_on, media)
+    text, spans = template.render(messages, tools, add_generation_prompt)
     ids, offsets = encode(text)
     if train_on == "all":
         return list(ids), [True] * len(ids)

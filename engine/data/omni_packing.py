@@ -10,8 +10,9 @@ restart, attention is masked at the boundary), and the rest of the row is paddin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from engine.batch import IGNORE_INDEX, Batch
@@ -23,6 +24,7 @@ class OmniSample:
     tokens: list[int]
     labels: list[int]
     payloads: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+    positions: Optional[np.ndarray] = None  # [3, len] multimodal rotary positions (M-RoPE models); None: 0..len-1
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -42,6 +44,8 @@ def pack_rows(samples: list[list[OmniSample]], seq_len: int, pad_id: int, ph: di
     doc = torch.zeros((rows, seq_len), dtype=torch.long)
     payloads: dict[str, list] = {}
     real_tokens = 0
+    mrope = any(s.positions is not None for row in samples for s in row)
+    pos3 = torch.zeros((3, rows, seq_len), dtype=torch.long) if mrope else None
     for r, row in enumerate(samples):
         at = 0
         for d, sample in enumerate(row):
@@ -50,6 +54,9 @@ def pack_rows(samples: list[list[OmniSample]], seq_len: int, pad_id: int, ph: di
             ids[r, at:at + n] = torch.tensor(sample.tokens)
             labels[r, at:at + n] = torch.tensor(sample.labels)
             pos[r, at:at + n] = torch.arange(n)
+            if mrope:
+                assert sample.positions is not None, "a row mixes samples with and without M-RoPE positions"
+                pos3[:, r, at:at + n] = torch.from_numpy(np.asarray(sample.positions, dtype=np.int64))
             doc[r, at:at + n] = d
             for name, items in sample.payloads.items():
                 payloads.setdefault(name, []).extend(items)
@@ -62,7 +69,7 @@ def pack_rows(samples: list[list[OmniSample]], seq_len: int, pad_id: int, ph: di
         expected = sum(part.num_tokens(p) for p in payloads.get(name, []))
         if found != expected:
             raise ValueError(f"part {name!r}: {found} placeholder tokens but its payloads need {expected}")
-    return Batch(input_ids=ids, labels=labels, position_ids=pos, doc_ids=doc,
+    return Batch(input_ids=ids, labels=labels, position_ids=pos3 if mrope else pos, doc_ids=doc,
                  **placeholder_layout(ids, doc, ph, decoders),
                  payloads={name: type(parts[name]).collate(items) for name, items in payloads.items() if items},
                  padding_tokens=rows * seq_len - real_tokens)

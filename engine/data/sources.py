@@ -54,9 +54,16 @@ def prepare_data(cfg: Config) -> Config:
     return cfg
 
 
+def dataset_parts(cfg: Config, entry: DatasetEntry | None = None) -> PartLayout | None:
+    """The model's parts for a dataset that feeds them (modalities=True), or may (None)."""
+    entry = entry or _entry(cfg)
+    has_parts = bool(cfg.model.encoders or cfg.model.decoders)
+    return part_layout(cfg.model) if entry.modalities or (entry.modalities is None and has_parts) else None
+
+
 def build_train_data(cfg: Config) -> DataSource:
     entry = _entry(cfg)
-    return entry.build(cfg, part_layout(cfg.model) if entry.modalities else None)
+    return entry.build(cfg, dataset_parts(cfg, entry))
 
 
 def build_eval_data(cfg: Config) -> DataSource | None:
@@ -67,7 +74,7 @@ def build_eval_data(cfg: Config) -> DataSource | None:
             raise ConfigError(f"config keys 'data.eval_path' / 'data.eval_fraction' need data.dataset=text or "
                               f"conversations, not {cfg.data.dataset}")
         return None
-    return build_user_data(cfg, evaluation=True)
+    return build_user_data(cfg, evaluation=True, parts=dataset_parts(cfg))
 
 
 def text_stream(cfg: Config) -> tuple[PackedTextDataset, object]:
@@ -109,13 +116,13 @@ def build_shakespeare(cfg: Config, parts: None) -> TextData:
 
 
 @register_dataset("text", modalities=None)
-def build_text(cfg: Config, parts: None) -> UserData:
+def build_text(cfg: Config, parts: PartLayout | None) -> UserData:
     return build_user_data(cfg)
 
 
 @register_dataset("conversations", modalities=None)
-def build_conversations(cfg: Config, parts: None) -> UserData:
-    return build_user_data(cfg)
+def build_conversations(cfg: Config, parts: PartLayout | None) -> UserData:
+    return build_user_data(cfg, parts=parts)
 
 
 @register_dataset("synthetic_omni", modalities=True)

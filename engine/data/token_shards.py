@@ -9,6 +9,9 @@ A prepared folder holds `prepared.json` and, per shard NAME:
     NAME.tokens    uint32 token ids of all its documents, back to back
     NAME.docs.npy  int64 [documents + 1] offsets of the documents in NAME.tokens
     NAME.mask      uint8 per token: 1 where the token is a training target (conversations)
+    NAME.media.json  (conversations with media) {"docs": {document index in the shard: [media
+                   refs]}}: each image, video or clip of a document in placeholder order, with the
+                   grid / frames counted from its header (engine/data/conversation_media.py)
 Shards are listed in `prepared.json` in corpus order (file, then position in the file), so
 the document order does not depend on how many processes wrote them.
 """
@@ -36,8 +39,11 @@ class ShardWriter:
         self._tokens = open(self.folder / f"{name}.tokens", "wb")
         self._mask = open(self.folder / f"{name}.mask", "wb") if with_mask else None
         self.offsets = [0]
+        self.media: dict[int, list[dict]] = {}
 
-    def add(self, ids, mask=None) -> None:
+    def add(self, ids, mask=None, media=None) -> None:
+        if media:
+            self.media[len(self.offsets) - 1] = media
         arr = np.asarray(ids, dtype=np.uint32)
         self._tokens.write(arr.tobytes())
         if self._mask is not None:
@@ -49,7 +55,10 @@ class ShardWriter:
         if self._mask is not None:
             self._mask.close()
         np.save(self.folder / f"{self.name}.docs.npy", np.asarray(self.offsets, dtype=np.int64))
-        return {"name": self.name, "documents": len(self.offsets) - 1, "tokens": self.offsets[-1]}
+        if self.media:
+            (self.folder / f"{self.name}.media.json").write_text(json.dumps({"docs": self.media}))
+        return {"name": self.name, "documents": len(self.offsets) - 1, "tokens": self.offsets[-1],
+                "media": sum(len(m) for m in self.media.values())}
 
 
 def write_meta(folder: Path, shards: list[dict], kind: str, tokenizer: dict, skipped: Counter, sources: list[str]) -> dict:
@@ -108,6 +117,7 @@ class TokenShards:
             raise DataError(f"{self.folder} holds format {self.meta.get('format')!r}, not {FORMAT}; prepare it again "
                             "with tools/prepare_data.py")
         tokens, masks, offsets, base = [], [], [np.zeros(1, np.int64)], 0
+        self._media: dict[int, list[dict]] = {}
         for shard in self.meta["shards"]:
             name = shard["name"]
             try:
@@ -121,6 +131,14 @@ class TokenShards:
             if len(toks) != docs[-1] or (mask is not None and len(mask) != docs[-1]):
                 raise DataError(f"shard {name} of {self.folder} is truncated ({len(toks)} of {docs[-1]} tokens); "
                                 "prepare the folder again")
+            if shard.get("media"):
+                try:
+                    docs_media = json.loads((self.folder / f"{name}.media.json").read_text())["docs"]
+                except (OSError, ValueError, KeyError) as e:
+                    raise DataError(f"shard {name} of {self.folder} has unreadable media refs ({e}); prepare the "
+                                    "folder again") from None
+                first = sum(len(o) for o in offsets) - 1
+                self._media.update({first + int(k): v for k, v in docs_media.items()})
             tokens.append(toks)
             if mask is not None:
                 masks.append(mask)
@@ -143,6 +161,14 @@ class TokenShards:
 
     def lengths(self) -> np.ndarray:
         return np.diff(self.doc_offsets)
+
+    @property
+    def has_media(self) -> bool:
+        return bool(self._media)
+
+    def media(self, i: int) -> list[dict]:
+        """The media refs of document i (empty for text-only documents)."""
+        return self._media.get(int(i), [])
 
     def document(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         lo, hi = int(self.doc_offsets[i]), int(self.doc_offsets[i + 1])

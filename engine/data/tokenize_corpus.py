@@ -6,7 +6,8 @@ the number of processes. A row becomes one document:
 - `text`: `row[text_field]` tokenised, plus EOS (the packer needs no EOS scan: document
   offsets are stored);
 - `conversations`: `row["messages"]` rendered with the chat template, with a per-token
-  target mask (engine/data/chat.py).
+  target mask (engine/data/chat.py); media parts expanded to their placeholder tokens, counted
+  from the files' headers (engine/data/conversation_media.py), their refs kept with the document.
 Rows that cannot be used are counted by reason (or, strict, a one-line error).
 """
 
@@ -21,12 +22,15 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .errors import DataError
 from .records import SkipCounter, iter_unit, work_units
 from .token_shards import ShardWriter, write_meta
 from .tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from .conversation_media import MediaPlan
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,7 @@ class EncodeSpec:
     text_field: str = "text"
     chat_template: Optional[str] = None  # a template file; None: the tokenizer folder's own
     train_on: str = "assistant"
+    media: Optional["MediaPlan"] = None  # how the model reads media parts (None: it has no part for them)
 
     def fingerprint(self, files: list[Path]) -> str:
         """Changes when a file, the tokenizer, the template or an option changes."""
@@ -85,11 +90,12 @@ class Encoder:
             raise DataError(f"tokenizer {spec.tokenizer} has no EOS token to end documents with: use a tokenizer "
                             "whose tokenizer_config.json names eos_token")
 
-    def encode_rows(self, rows: list[tuple[object, dict]], skips: SkipCounter):
+    def encode_rows(self, rows: list[tuple[object, dict]], skips: SkipCounter, base_dir: Path):
+        """(ids, mask, media refs) per usable row; `base_dir`: where relative media paths start."""
         if self.spec.kind == "text":
             yield from self._text(rows, skips)
         else:
-            yield from self._conversations(rows, skips)
+            yield from self._conversations(rows, skips, base_dir)
 
     def _text(self, rows, skips):
         field = self.spec.text_field
@@ -104,19 +110,22 @@ class Encoder:
                 texts.append(text)
         eos = [self.tokenizer.eos_id]
         for ids in self.tokenizer.encode_batch(texts):
-            yield list(ids) + eos, None
+            yield list(ids) + eos, None, None
 
-    def _conversations(self, rows, skips):
-        from .chat import ConversationError, encode_conversation
+    def _conversations(self, rows, skips, base_dir: Path):
+        from .conversation_media import encode_media_conversation
+        from .media import MediaError
+        from .chat import ConversationError
 
         for where, row in rows:
             messages = row.get("messages")
             try:
-                ids, mask = encode_conversation(self.tokenizer, self.template, messages, self.spec.train_on)
-            except ConversationError as e:
+                ids, mask, media = encode_media_conversation(self.tokenizer, self.template, messages, self.spec.media,
+                                                             base_dir, self.spec.train_on)
+            except (ConversationError, MediaError) as e:
                 skips.skip(e.reason, where, str(e))
                 continue
-            yield ids, mask
+            yield ids, mask, media
 
 
 _WORKER: dict = {}
@@ -132,15 +141,15 @@ def _encode_unit(args) -> tuple[dict, Counter]:
     encoder: Encoder = _WORKER["encoder"]
     skips = SkipCounter(strict)
     writer = ShardWriter(Path(folder), name, with_mask=encoder.spec.kind == "conversations")
-    batch = []
+    batch, base_dir = [], Path(unit[0]).parent
     for row in iter_unit(unit, skips):
         batch.append(row)
         if len(batch) == _BATCH_ROWS:
-            for ids, mask in encoder.encode_rows(batch, skips):
-                writer.add(ids, mask)
+            for ids, mask, media in encoder.encode_rows(batch, skips, base_dir):
+                writer.add(ids, mask, media)
             batch = []
-    for ids, mask in encoder.encode_rows(batch, skips):
-        writer.add(ids, mask)
+    for ids, mask, media in encoder.encode_rows(batch, skips, base_dir):
+        writer.add(ids, mask, media)
     return writer.close(), skips.counts
 
 

@@ -10,6 +10,10 @@ Both read token shards (engine/data/token_shards.py): a folder made by
 - `conversations` packs whole samples (never split) into rows, first-fit over a few open
   rows; a sample longer than `seq_len` is skipped and counted, or with `data.truncate`
   keeps its head. Targets are the tokens the chat template marks (engine/data/chat.py).
+  Images, videos and clips in the messages (engine/data/conversation_media.py) are counted
+  into the lengths from their headers when the data is tokenised and decoded when a row is
+  built; a file that fails to decode then drops its sample from the row (counted by reason).
+  A model with M-RoPE (`model.mrope_section`) gets [3, B, S] positions per sample.
 
 Batches are a pure function of the step, the same for every layout: draw k of the
 sample stream is a (source, item) pair, blended over `data.weights` by Megatron's greedy
@@ -21,7 +25,9 @@ samples is read to pack; resuming at step s re-packs the index up to there, neve
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +41,12 @@ from .cache import file_lock
 from .errors import DataError
 from .omni_packing import OmniSample, pack_rows
 from .packing import PackedTextDataset
+from .conversation_media import MediaPlan, encode_media_conversation, load_payloads, media_plan, model_ids
+from .media import MediaError
 from .records import expand_data_paths
 from .token_shards import TokenShards, is_prepared
-from .tokenize_corpus import EncodeSpec, prepare_folder
+from .tokenize_corpus import EncodeSpec, Encoder, prepare_folder
+from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +69,21 @@ def resolve_tokenizer(cfg: Config) -> str:
                       "Face tokenizer folder (or .json / sentencepiece .model), or model.init_from to a folder with one")
 
 
-def load_shards(cfg: Config, entries: list[str], key: str) -> TokenShards:
-    """One source: the prepared folder named by `entries`, or their files tokenised into the cache."""
-    spec = EncodeSpec(kind=cfg.data.dataset, tokenizer=resolve_tokenizer(cfg), text_field=cfg.data.text_field,
+def encode_spec(cfg: Config, parts=None) -> EncodeSpec:
+    """What decides the tokens of a row under `cfg` (`parts`: the model's PartLayout, which
+    says how media parts are read; None for a model without parts)."""
+    tokenizer = resolve_tokenizer(cfg)
+    plan = None
+    if cfg.data.dataset == "conversations" and parts is not None:
+        folder = Path(tokenizer) if Path(tokenizer).is_dir() else Path(tokenizer).parent
+        plan = media_plan(cfg, parts, load_tokenizer(tokenizer), folder)
+    return EncodeSpec(kind=cfg.data.dataset, tokenizer=tokenizer, text_field=cfg.data.text_field,
                       chat_template=str(expand_path(cfg.data.chat_template)) if cfg.data.chat_template else None,
-                      train_on=cfg.data.train_on)
+                      train_on=cfg.data.train_on, media=plan)
+
+
+def load_shards(cfg: Config, entries: list[str], key: str, spec: EncodeSpec) -> TokenShards:
+    """One source: the prepared folder named by `entries`, or their files tokenised into the cache."""
     if len(entries) == 1 and is_prepared(expand_path(entries[0])):
         shards = TokenShards(expand_path(entries[0]))
         made = shards.meta["tokenizer"].get("spec", {})
@@ -72,6 +91,10 @@ def load_shards(cfg: Config, entries: list[str], key: str) -> TokenShards:
             raise DataError(f"config key '{key}' folder {entries[0]} was tokenised with another tokenizer or chat "
                             f"template ({shards.meta['tokenizer']['path']}) than {spec.tokenizer}; prepare it again "
                             "with tools/prepare_data.py and this config")
+        if shards.has_media and made.get("media") != json.loads(json.dumps(asdict(spec.media) if spec.media else None)):
+            raise DataError(f"config key '{key}' folder {entries[0]} was prepared for another model's media parts "
+                            "or other data.min_pixels / max_pixels / video_fps / max_frames; prepare it again with "
+                            "tools/prepare_data.py and this config")
         if shards.kind != spec.kind or made.get("train_on", spec.train_on) != spec.train_on:
             raise DataError(f"config key '{key}' folder {entries[0]} was prepared as {shards.kind} "
                             f"(train_on={made.get('train_on')}), not {spec.kind} (train_on={spec.train_on}); "
@@ -124,25 +147,27 @@ class TextWindows:
 
 
 class Conversations:
-    """Whole samples with their target masks; too-long ones are dropped (counted) or cut."""
+    """Whole samples with their target masks and media; too-long ones are dropped (counted) or
+    cut (a sample with media is never cut: its placeholders would not match its payloads)."""
 
     def __init__(self, shards: TokenShards, seq_len: int, truncate: bool, strict: bool,
-                 keep: np.ndarray | None = None):
-        self.shards, self.seq_len = shards, seq_len
+                 keep: np.ndarray | None = None, plan: MediaPlan | None = None, mrope: bool = False):
+        self.shards, self.seq_len, self.strict, self.plan, self.mrope = shards, seq_len, strict, plan, mrope
         lengths = shards.lengths()
         ids = np.arange(len(lengths)) if keep is None else keep
         long = lengths[ids] > seq_len
-        if long.any() and not truncate:
-            if strict:
-                raise DataError(f"{shards.folder}: sample {int(ids[long][0])} has {int(lengths[ids][long][0])} tokens, "
-                                f"more than data.seq_len={seq_len} (data.strict=true); raise data.seq_len, set "
-                                "data.truncate=true, or data.strict=false to skip and count")
-            ids = ids[~long]
-        self.keep = ids
-        self.lengths = np.minimum(lengths[ids], seq_len)
+        uncut = long if not truncate else long & np.array([bool(shards.media(i)) for i in ids], dtype=bool)
+        if uncut.any() and strict:
+            raise DataError(f"{shards.folder}: sample {int(ids[uncut][0])} has {int(lengths[ids][uncut][0])} tokens, "
+                            f"more than data.seq_len={seq_len} (data.strict=true); raise data.seq_len, set "
+                            "data.truncate=true (text only), or data.strict=false to skip and count")
+        self.keep = ids[~uncut]
+        self.lengths = np.minimum(lengths[self.keep], seq_len)
         self.skipped = dict(shards.skipped)
-        if long.any():
-            self.skipped["truncated" if truncate else "too_long"] = int(long.sum())
+        if uncut.any():
+            self.skipped["too_long"] = int(uncut.sum())
+        if (long & ~uncut).any():
+            self.skipped["truncated"] = int((long & ~uncut).sum())
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -150,12 +175,25 @@ class Conversations:
     def length(self, i: int) -> int:
         return int(self.lengths[i])
 
-    def sample(self, i: int) -> OmniSample:
-        ids, mask = self.shards.document(int(self.keep[i]))
+    def sample(self, i: int) -> OmniSample | None:
+        """The sample, its media decoded; None when a media file fails to decode (counted)."""
+        doc = int(self.keep[i])
+        ids, mask = self.shards.document(doc)
         ids, mask = ids[:self.seq_len], mask[:self.seq_len]
+        refs = self.shards.media(doc)
+        payloads = {}
+        if refs:
+            try:
+                payloads = load_payloads(refs, self.plan)
+            except MediaError as e:
+                if self.strict:
+                    raise DataError(f"{self.shards.folder}: document {doc}: {e} (data.strict=true)") from None
+                self.skipped[e.reason] = self.skipped.get(e.reason, 0) + 1
+                return None
         labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
         labels[:-1] = np.where(mask[1:], ids[1:], IGNORE_INDEX)
-        return OmniSample(ids.tolist(), labels.tolist())
+        ids, positions = model_ids(ids, refs, self.plan, self.mrope)
+        return OmniSample(ids.tolist(), labels.tolist(), payloads, positions)
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -232,8 +270,9 @@ class UserData:
     BLOCK = 1024
 
     def __init__(self, sources: list, names: list[str], weights: list[float] | None, seq_len: int, seed: int,
-                 pad_id: int, packed: bool, evaluation: bool = False):
+                 pad_id: int, packed: bool, evaluation: bool = False, parts=None):
         self.sources, self.names, self.seq_len, self.pad_id, self.packed = sources, names, seq_len, pad_id, packed
+        self.parts = parts  # the model's PartLayout (placeholders and payload collation), or None
         self.evaluation = evaluation
         self.draws = Draws([len(s) for s in sources], weights, seed, sequential=evaluation)
         self._block_starts = [0]  # first global row of each packed block
@@ -304,8 +343,17 @@ class UserData:
 
     def batch(self, rows: list[int]) -> Batch:
         if self.packed:
-            samples = [[self.sources[s].sample(i) for s, i in self._row(r)] for r in rows]
-            batch = pack_rows(samples, self.seq_len, self.pad_id, {}, [], {})
+            drawn = [[(s, self.sources[s].sample(i)) for s, i in self._row(r)] for r in rows]
+            drawn = [[(s, x) for s, x in row if x is not None] for row in drawn]
+            parts = self.parts
+            batch = pack_rows([[x for _, x in row] for row in drawn], self.seq_len, self.pad_id,
+                              parts.placeholders if parts else {}, parts.decoders if parts else [],
+                              parts.parts if parts else {})
+            if len(self.sources) > 1:
+                sizes = [[(s, len(x)) for s, x in row] for row in drawn]
+                batch = batch.replace(loss_groups=self._loss_groups(sizes, batch),
+                                      loss_group_names=tuple(self.names))
+            return batch
         else:
             picked = [(self._row(r) or [(0, 0)])[0] for r in rows]  # an empty row: any window, no targets
             samples = [self.sources[s].sample(i) for s, i in picked]
@@ -314,15 +362,16 @@ class UserData:
             if empty.any():
                 batch = batch.replace(labels=batch.labels.masked_fill(empty[:, None], IGNORE_INDEX))
         if len(self.sources) > 1:  # a mixture: the source of each target, for the per-source losses
-            batch = batch.replace(loss_groups=self._loss_groups(rows, batch), loss_group_names=tuple(self.names))
+            sizes = [[(s, self.seq_len) for s, _ in self._row(r)] for r in rows]
+            batch = batch.replace(loss_groups=self._loss_groups(sizes, batch), loss_group_names=tuple(self.names))
         return batch
 
-    def _loss_groups(self, rows: list[int], batch: Batch) -> torch.Tensor:
+    @staticmethod
+    def _loss_groups(sizes: list[list[tuple[int, int]]], batch: Batch) -> torch.Tensor:
+        """The source of each target token; `sizes`: per row, (source, tokens) of its samples."""
         groups = torch.full_like(batch.input_ids, -1)
-        for j, r in enumerate(rows):
-            row = self._row(r)
-            sizes = [self.sources[s].length(i) for s, i in row] if self.packed else [self.seq_len] * len(row)
-            g = np.repeat([s for s, _ in row], sizes)
+        for j, row in enumerate(sizes):
+            g = np.repeat([s for s, _ in row], [n for _, n in row]).astype(np.int64)
             groups[j, :len(g)] = torch.from_numpy(g)
         return groups.masked_fill(batch.labels == IGNORE_INDEX, -1)
 
@@ -339,8 +388,9 @@ def _names(entries: list[str]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
 
 
-def build_user_data(cfg: Config, evaluation: bool = False) -> UserData | None:
-    """The training data, or (evaluation) the validation data (None when there is none)."""
+def build_user_data(cfg: Config, evaluation: bool = False, parts=None) -> UserData | None:
+    """The training data, or (evaluation) the validation data (None when there is none);
+    `parts`: the model's PartLayout when it has parts (they read the conversations' media)."""
     d = cfg.data
     if not d.path:
         raise ConfigError(f"data.dataset={d.dataset} needs config key 'data.path': a file, folder, glob or list of them")
@@ -352,10 +402,12 @@ def build_user_data(cfg: Config, evaluation: bool = False) -> UserData | None:
     if evaluation and d.eval_path:
         groups, names = [list(d.eval_path)], ["eval"]
     sources = []
+    spec = encode_spec(cfg, parts)
+    mrope = bool(cfg.model.mrope_section)
     for entries in groups:
-        shards = load_shards(cfg, entries, "data.eval_path" if evaluation and d.eval_path else "data.path")
+        shards = load_shards(cfg, entries, "data.eval_path" if evaluation and d.eval_path else "data.path", spec)
         make = (lambda keep, s=shards: TextWindows(s, d.seq_len, cfg.train.seed, keep)) if not packed else \
-            (lambda keep, s=shards: Conversations(s, d.seq_len, d.truncate, d.strict, keep))
+            (lambda keep, s=shards: Conversations(s, d.seq_len, d.truncate, d.strict, keep, spec.media, mrope))
         if d.eval_fraction and not d.eval_path:
             n = len(shards) if packed else len(make(None))
             train, held = split_holdout(n, d.eval_fraction, cfg.train.seed)
@@ -368,4 +420,32 @@ def build_user_data(cfg: Config, evaluation: bool = False) -> UserData | None:
                             "raise data.seq_len or set data.truncate=true")
     pad_id = 0
     return UserData(sources, names, None if evaluation else d.weights, d.seq_len, cfg.train.seed, pad_id, packed,
-                    evaluation=evaluation)
+                    evaluation=evaluation, parts=parts)
+
+
+class PromptEncoder:
+    """Conversations -> samples the model reads, as training builds them (media decoded,
+    placeholders and positions for the model): for generation and evaluation.
+
+        prompts = PromptEncoder(cfg)   # the training config: tokenizer, chat template, parts
+        sample = prompts.sample(messages[:-1], base_dir)  # ends with the assistant's header
+    """
+
+    def __init__(self, cfg: Config):
+        from .sources import dataset_parts
+
+        if cfg.data.dataset != "conversations":
+            raise ConfigError(f"config key 'data.dataset'={cfg.data.dataset!r}: prompts are built from a "
+                              "conversations config (its tokenizer, chat template and model parts)")
+        self.parts = dataset_parts(cfg)
+        self.spec = encode_spec(cfg, self.parts)
+        self.encoder = Encoder(self.spec)
+        self.mrope = bool(cfg.model.mrope_section)
+
+    def sample(self, messages, base_dir: str | Path = ".", add_generation_prompt: bool = True) -> OmniSample:
+        ids, _, refs = encode_media_conversation(self.encoder.tokenizer, self.encoder.template, messages,
+                                                 self.spec.media, Path(base_dir), "all",
+                                                 add_generation_prompt=add_generation_prompt)
+        payloads = load_payloads(refs, self.spec.media) if refs else {}
+        ids, positions = model_ids(np.asarray(ids, dtype=np.int64), refs, self.spec.media, self.mrope)
+        return OmniSample(ids.tolist(), [IGNORE_INDEX] * len(ids), payloads, positions)

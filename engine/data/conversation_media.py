@@ -1,0 +1,295 @@
+"""Images, videos and speech inside chat messages: which part reads them, how many placeholder
+tokens each one fills, and where those tokens go in the conversation's ids.
+
+Messages carry media as transformers' chat templates take them: content parts
+``{"type": "image", "image": PATH}``, ``{"type": "video", "video": PATH}``,
+``{"type": "audio", "audio": PATH}`` (``"path"`` is accepted for the file too), PATH relative
+to the data file. Images and videos go to the model's registered ``vision`` part, audio to its
+``audio`` part (`MediaPlan`).
+
+How a payload's tokens enter the ids, as the checkpoint's processor does it:
+
+- **Native media tokens.** When the tokenizer has the checkpoint's own media token for every
+  media type of a conversation (``<|image_pad|>``, ``<|video_pad|>``, ``<|audio_pad|>``, or
+  Qwen2.5-Omni's ``<|IMAGE|>``, ``<|VIDEO|>``, ``<|AUDIO|>``), the chat template renders the
+  media parts itself (Qwen2-VL's writes ``<|vision_start|><|image_pad|><|vision_end|>``) and
+  each media token is repeated as many times as its part returns embeddings, which is what
+  ``Qwen2VLProcessor`` does to the text before tokenising. The ids keep the native token
+  (image and video pads differ, as M-RoPE needs); the data layer maps them to the part's
+  placeholder when it builds a batch (one part may own several tokens).
+- **Otherwise** each media part is rendered as a private sentinel inside the message's text,
+  the rendering is tokenised around the sentinels, and each sentinel becomes that many of the
+  part's placeholder id (the last vocabulary ids, `engine.models.omni.placeholder_ids`).
+
+Token counts come from file headers (image size, audio length, video frame count and rate):
+`media_refs_for` never decodes pixels or samples, so the length index of a data set is cheap.
+Placeholder tokens are never targets.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .chat import ConversationError, MEDIA_TYPES, encode_conversation
+from .media import AudioRule, MediaError, VisionRule, audio_frames, image_grid, load_audio, load_image, load_video, \
+    video_grid
+
+__all__ = ["MEDIA_TYPES", "MediaPlan", "conversation_media", "encode_media_conversation", "load_payloads",
+           "media_plan", "model_ids"]
+
+PART_OF_TYPE = {"image": "vision", "video": "vision", "audio": "audio"}  # registered part names
+NATIVE_TOKENS = {"image": ("<|image_pad|>", "<|IMAGE|>"), "video": ("<|video_pad|>", "<|VIDEO|>"),
+                 "audio": ("<|audio_pad|>", "<|AUDIO|>")}
+_SENTINEL = re.compile("\ue000(\\d+)\ue001")  # private-use characters: never in real text
+
+
+@dataclass(frozen=True)
+class MediaPlan:
+    """How a model reads media: everything here decides the ids, so it is part of the data
+    fingerprint. Plain data (pickled into tokenising processes)."""
+
+    parts: tuple[tuple[str, str], ...]            # (media type, part name) the model can read
+    placeholders: tuple[tuple[str, int], ...]     # (part name, the model's placeholder id)
+    native: tuple[tuple[str, int], ...]           # (media type, the tokenizer's own media token id)
+    vision: Optional[VisionRule] = None
+    audio: Optional[AudioRule] = None
+    audio_tokens: tuple[int, ...] = ()            # tokens of a clip of f log-mel frames, f = 0..max_frames
+
+    def part(self, kind: str) -> Optional[str]:
+        return dict(self.parts).get(kind)
+
+    def placeholder(self, kind: str) -> int:
+        return dict(self.placeholders)[self.part(kind)]
+
+    def native_id(self, kind: str) -> Optional[int]:
+        return dict(self.native).get(kind)
+
+    def tokens(self, ref: dict) -> int:
+        if ref["type"] == "audio":
+            return self.audio_tokens[ref["frames"]]
+        t, h, w = ref["grid"]
+        return t * h * w // self.vision.merge_size ** 2
+
+    def id_to_placeholder(self) -> dict[int, int]:
+        """Native media token id -> the placeholder id of the part that reads it."""
+        return {i: self.placeholder(kind) for kind, i in self.native if self.part(kind)}
+
+
+def _preprocessor_config(folder: Optional[Path]) -> dict:
+    """The checkpoint's image processor settings (preprocessor_config.json), when there is one."""
+    f = folder / "preprocessor_config.json" if folder else None
+    if f is None or not f.is_file():
+        return {}
+    try:
+        raw = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    size = raw.get("size") or {}
+    out = {"min_pixels": raw.get("min_pixels", size.get("shortest_edge")),
+           "max_pixels": raw.get("max_pixels", size.get("longest_edge")),
+           "image_mean": raw.get("image_mean"), "image_std": raw.get("image_std")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def media_plan(cfg, parts, tokenizer, folder: Optional[Path]) -> Optional[MediaPlan]:
+    """The plan of a config whose model has a `vision` and/or `audio` part (None without).
+    `parts`: the model's PartLayout; `tokenizer`: the data tokenizer (for its native media
+    tokens); `folder`: the tokenizer's folder (its preprocessor_config.json gives the image
+    size bounds and normalisation the checkpoint was trained with; data.* keys win)."""
+    if parts is None:
+        return None
+    by_registered = {}
+    for name, module in parts.parts.items():
+        by_registered.setdefault(getattr(type(module), "registered_name", None), name)
+    kinds = tuple((kind, by_registered[reg]) for kind, reg in PART_OF_TYPE.items() if reg in by_registered)
+    if not kinds:
+        return None
+    d, vision, audio, audio_tokens = cfg.data, None, None, ()
+    if "vision" in by_registered:
+        v = parts.parts[by_registered["vision"]]
+        pre = _preprocessor_config(folder)
+        one = v.in_channels == 1
+        mean = tuple(pre.get("image_mean", (0.5,) if one else VisionRule.image_mean))
+        std = tuple(pre.get("image_std", (0.5,) if one else VisionRule.image_std))
+        # data.min_pixels / max_pixels bound images and video frames alike; unset, each takes the
+        # checkpoint's (or Qwen2-VL's) own bounds: the video processor's are not the image processor's
+        videos = {"video_min_pixels": d.min_pixels, "video_max_pixels": d.max_pixels}
+        vision = VisionRule(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                            temporal_patch_size=v.temporal_patch_size, in_channels=v.in_channels,
+                            min_pixels=int(d.min_pixels or pre.get("min_pixels", VisionRule.min_pixels)),
+                            max_pixels=int(d.max_pixels or pre.get("max_pixels", VisionRule.max_pixels)),
+                            image_mean=mean, image_std=std, video_fps=float(d.video_fps), max_frames=int(d.max_frames),
+                            **{k: int(v) for k, v in videos.items() if v})
+        probe = {"grid_thw": torch.tensor([[2, 2 * v.spatial_merge_size, 3 * v.spatial_merge_size]])}
+        assert v.num_tokens(probe) == 12, "the vision part's token count is t*h*w / merge**2 (Qwen2-VL)"
+    if "audio" in by_registered:
+        a = parts.parts[by_registered["audio"]]
+        audio = AudioRule(num_mel_bins=a.num_mel_bins, min_frames=a.min_frames, max_frames=a.max_frames)
+        audio_tokens = tuple(int(n) for n in a.tokens_per_clip(torch.arange(a.max_frames + 1)))
+    vocab = getattr(tokenizer, "_tok", None)
+    native = []
+    for kind in MEDIA_TYPES:
+        for token in NATIVE_TOKENS[kind]:
+            i = vocab.token_to_id(token) if vocab is not None else None
+            if i is not None:
+                native.append((kind, int(i)))
+                break
+    placeholders = tuple((name, parts.placeholders[name]) for name in sorted({n for _, n in kinds}))
+    return MediaPlan(kinds, placeholders, tuple(native), vision, audio, audio_tokens)
+
+
+# ---- the media of a conversation -------------------------------------------------------------
+def _media_parts(messages) -> list[tuple[int, str, object]]:
+    """(message index, type, the part's file) of every media part, in order."""
+    out = []
+    for i, message in enumerate(messages if isinstance(messages, (list, tuple)) else []):
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") in MEDIA_TYPES:
+                out.append((i, part["type"], part.get(part["type"], part.get("path"))))
+    return out
+
+
+def conversation_media(messages, plan: Optional[MediaPlan], base_dir: Path) -> list[dict]:
+    """The media refs of a conversation from file headers: ``{"type", "path", "grid" | "frames",
+    "tokens"}`` in order of appearance. Raises ConversationError (a media part no part of the
+    model reads, a part without a file name) or MediaError (missing, unreadable, unsupported)."""
+    refs = []
+    for i, kind, file in _media_parts(messages):
+        if plan is None or plan.part(kind) is None:
+            raise ConversationError("no_part_for_" + kind, f"message {i} has a {kind} but the model has no "
+                                    f"{PART_OF_TYPE[kind]} part to read it: add one to model.encoders, or drop the "
+                                    f"{kind}s from the data")
+        if not isinstance(file, str) or not file:
+            raise ConversationError("bad_content", f"message {i}: a {kind} part needs its file as "
+                                                   f"{{'type': '{kind}', '{kind}': PATH}}, got {file!r}")
+        if re.match(r"^[a-z][a-z0-9+.-]*://", file):
+            raise MediaError("unsupported", f"{file}: remote {kind}s are not fetched; download the file and give its "
+                                            "path relative to the data file")
+        path = Path(file) if Path(file).is_absolute() else Path(base_dir) / file
+        ref = {"type": kind, "path": str(path)}
+        if kind == "audio":
+            ref["frames"] = audio_frames(path, plan.audio)
+        else:
+            ref["grid"] = list((image_grid if kind == "image" else video_grid)(path, plan.vision))
+        ref["tokens"] = plan.tokens(ref)
+        refs.append(ref)
+    return refs
+
+
+def _sentinel_messages(messages) -> list:
+    """Messages whose media parts are sentinels inside their (now string) text."""
+    out, k = [], 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in MEDIA_TYPES for p in content):
+            text = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") in MEDIA_TYPES:
+                    text.append(f"\ue000{k}\ue001")
+                    k += 1
+                elif isinstance(part, dict) and part.get("type") == "text":
+                    text.append(part.get("text", ""))
+            message = {**message, "content": "".join(text)}
+        out.append(message)
+    return out
+
+
+def encode_media_conversation(tokenizer, template, messages, plan: Optional[MediaPlan], base_dir: Path,
+                              train_on: str = "assistant", tools=None, add_generation_prompt: bool = False
+                              ) -> tuple[list[int], list[bool], list[dict]]:
+    """(ids, target mask, media refs) of a conversation whose messages may hold media parts
+    (rules in the module docstring). Raises ConversationError or MediaError."""
+    refs = conversation_media(messages, plan, base_dir)
+    if not refs:
+        ids, mask = encode_conversation(tokenizer, template, messages, train_on, tools,
+                                        add_generation_prompt=add_generation_prompt)
+        return ids, mask, []
+    kinds = [r["type"] for r in refs]
+    if all(plan.native_id(k) is not None for k in kinds):
+        ids, mask = encode_conversation(tokenizer, template, messages, train_on, tools, media=True,
+                                        add_generation_prompt=add_generation_prompt)
+        kind_of = {plan.native_id(k): k for k in MEDIA_TYPES if plan.native_id(k) is not None}
+        found = [kind_of[t] for t in ids if t in kind_of]
+        if found != kinds:
+            raise ConversationError("template", f"the chat template writes media tokens for {found or 'no media'} but "
+                                                f"the messages hold {kinds}: use a template that renders each media "
+                                                "part as the checkpoint's media token")
+        out_ids, out_mask, k = [], [], 0
+        for t, m in zip(ids, mask):
+            if t in kind_of:
+                out_ids += [t] * refs[k]["tokens"]
+                out_mask += [False] * refs[k]["tokens"]
+                k += 1
+            else:
+                out_ids.append(t)
+                out_mask.append(m)
+        return out_ids, out_mask, refs
+
+    def encode(text: str):
+        ids, offsets, at = [], [], 0
+        for match in list(_SENTINEL.finditer(text)) + [None]:
+            end = match.start() if match else len(text)
+            seg_ids, seg_offsets = tokenizer.encode_with_offsets(text[at:end])
+            ids += seg_ids
+            offsets += [(at + s, at + e) for s, e in seg_offsets]
+            if match:
+                ref = refs[int(match.group(1))]
+                ids += [plan.placeholder(ref["type"])] * ref["tokens"]
+                offsets += [(match.start(), match.start())] * ref["tokens"]
+                at = match.end()
+        return ids, offsets
+
+    ids, mask = encode_conversation(tokenizer, template, _sentinel_messages(messages), train_on, tools,
+                                    encode=encode, add_generation_prompt=add_generation_prompt)
+    placeholders = {plan.placeholder(k) for k in kinds}
+    if sum(t in placeholders for t in ids) != sum(r["tokens"] for r in refs):
+        raise ConversationError("template", "the chat template drops some of the messages' media parts: use a "
+                                            "template that renders every message's content")
+    return ids, [m and t not in placeholders for t, m in zip(ids, mask)], refs
+
+
+def load_payloads(refs: list[dict], plan: MediaPlan) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Decode the media of a sample: part name -> payloads in placeholder order. Raises
+    MediaError, also when a file no longer gives the tokens counted when the data was prepared."""
+    out: dict[str, list] = {}
+    for ref in refs:
+        kind, path = ref["type"], ref["path"]
+        if kind == "audio":
+            payload = load_audio(path, plan.audio)
+            found = {"frames": int(payload["feature_lens"][0])}
+        else:
+            payload = (load_image if kind == "image" else load_video)(path, plan.vision)
+            found = {"grid": payload["grid_thw"][0].tolist()}
+        expected = {k: ref[k] for k in found}
+        if found != expected:
+            raise MediaError("changed", f"{path}: the {kind} gives {found} but the prepared data counted {expected}; "
+                                        "the file changed since: prepare the data again")
+        out.setdefault(plan.part(kind), []).append(payload)
+    return out
+
+
+def model_ids(ids: np.ndarray, refs: list[dict], plan: Optional[MediaPlan], mrope: bool
+              ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(ids with native media tokens replaced by their part's placeholder, M-RoPE positions
+    [3, len] from the native tokens when `mrope`, else None) of one sample."""
+    positions = None
+    if mrope:
+        from .mrope import mrope_positions
+
+        grids = {kind: [r["grid"] for r in refs if r["type"] == kind] or None for kind in ("image", "video")}
+        token = {kind: (plan.native_id(kind) if plan and plan.native_id(kind) is not None else -1)
+                 for kind in ("image", "video")}
+        positions, _ = mrope_positions(ids, grids["image"], grids["video"], token["image"], token["video"],
+                                       plan.vision.merge_size if plan and plan.vision else 2)
+    to_placeholder = plan.id_to_placeholder() if plan else {}
+    if to_placeholder:
+        ids = np.array([to_placeholder.get(t, t) for t in ids.tolist()], dtype=np.int64)
+    return ids, positions
