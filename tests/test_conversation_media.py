@@ -1,0 +1,338 @@
+"""Media inside conversations (engine/data/conversation_media.py): ids expanded as Qwen2-VL's
+processor expands them, the sentinel path for tokenizers without media tokens, lengths from
+headers, bad media skipped by reason or a strict one-line error, and training on images, clips
+and videos alike on 1 process, FSDP 2 and SP 2.
+
+Reference for the expanded ids (transformers 5.24 without torchvision, where `Qwen2VLProcessor`
+cannot be built: its constructor looks the video processor class up): the tokenizer's own
+`apply_chat_template`, grids from `Qwen2VLImageProcessorPil`, each media token replaced in order
+by `Qwen2VLProcessor.replace_image_token` / `replace_video_token` (the processor's own expansion
+rule), then the tokenizer. Video grids themselves are checked against transformers' sampling in
+tests/test_media.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from launch import assert_close, losses, train
+
+av = pytest.importorskip("av")
+sf = pytest.importorskip("soundfile")
+pytest.importorskip("transformers")
+from PIL import Image
+
+from engine.config import load_config, parse_overrides
+from engine.data import build_train_data
+from engine.data.chat import ChatTemplate, load_chat_template, special_tokens
+from engine.data.errors import DataError
+from engine.data.conversation_media import MediaPlan, encode_media_conversation
+from engine.data.media import VisionRule
+from engine.data.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _picture(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)
+
+
+def _write_video(path: Path, frames: int, side: int = 16, fps: int = 2) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = stream.height = side
+        stream.pix_fmt = "yuv420p"
+        for k in range(frames):
+            frame = np.repeat(_picture(side, side, 50 + k)[:, :, None], 3, axis=2)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tokenizer with Qwen2-VL's template and media tokens, media files, and conversations."""
+    from omni_datasets.omni_digits.conversations import make_backbone
+
+    root = tmp_path_factory.mktemp("media_conversations")
+    texts = ["which digit is this what number is spoken which digits are shown " * 4,
+             "seven three five one two nine zero yes no"] * 40
+    ids = make_backbone(root / "backbone", texts, seed=0)
+    media = root / "media"
+    media.mkdir()
+    for k, (h, w) in enumerate([(16, 16), (24, 16), (16, 32), (8, 8)]):
+        Image.fromarray(_picture(h, w, k)).save(media / f"img{k}.png")
+    rng = np.random.default_rng(0)
+    for k, n in enumerate([8000, 12000, 4000]):
+        sf.write(media / f"clip{k}.wav", (rng.standard_normal(n) * 3000).astype(np.int16), 16000)
+    sf.write(media / "clip3.flac", (rng.standard_normal(9000) * 3000).astype(np.int16), 16000)
+    for k, n in enumerate([4, 6]):
+        _write_video(media / f"vid{k}.mp4", n)
+    rows = []
+    for k in range(48):
+        kind = ("image", "audio", "video", "image+audio")[k % 4]
+        if kind == "image":
+            content = [{"type": "image", "image": f"media/img{k % 4}.png"}, {"type": "text", "text": "Which digit is this?"}]
+        elif kind == "audio":
+            clip = f"media/clip{k % 4}.{'flac' if k % 4 == 3 else 'wav'}"
+            content = [{"type": "audio", "audio": clip}, {"type": "text", "text": "What number is spoken?"}]
+        elif kind == "video":
+            content = [{"type": "text", "text": "Which digits are shown?"}, {"type": "video", "video": f"media/vid{k % 2}.mp4"}]
+        else:
+            content = [{"type": "image", "image": f"media/img{k % 3}.png"}, {"type": "audio", "audio": "media/clip0.wav"},
+                       {"type": "text", "text": "Is it the digit shown?"}]
+        rows.append({"messages": [{"role": "user", "content": content},
+                                  {"role": "assistant", "content": ("seven", "three five", "one two", "yes")[k % 4]}]})
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root, ids
+
+
+def _config(root: Path, ids: dict, *extra: str) -> Path:
+    text = f"""
+model:
+  vocab_size: 512
+  hidden_size: 64
+  intermediate_size: 128
+  num_layers: 2
+  num_heads: 4
+  num_kv_heads: 2
+  encoders:
+    - {{name: vision, depth: 1, embed_dim: 32, num_heads: 2, hidden_size: 64, patch_size: 4, in_channels: 1,
+       placeholder: {ids['<|image_pad|>']}}}
+    - {{name: audio, num_mel_bins: 40, d_model: 32, encoder_layers: 1, encoder_attention_heads: 2,
+       encoder_ffn_dim: 64, max_source_positions: 100, pool_stride: 4, placeholder: {ids['<|audio_pad|>']}}}
+data:
+  dataset: conversations
+  tokenizer: {root / 'backbone'}
+  path: {root / 'train.jsonl'}
+  cache_dir: {root / 'cache'}
+  seq_len: 192
+  global_batch_size: 4
+  min_pixels: 64
+  max_pixels: 512
+train:
+  steps: 4
+  lr: 2.0e-3
+  warmup_steps: 1
+  tensorboard: false
+checkpoint:
+  interval: 0
+"""
+    path = root / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def _load(path: Path, *overrides: str):
+    return load_config(str(path), parse_overrides(list(overrides))[1])
+
+
+def _plan(ids: dict, rule: VisionRule) -> MediaPlan:
+    return MediaPlan(parts=(("image", "vision"), ("video", "vision")), placeholders=(("vision", 500),),
+                     native=(("image", ids["<|image_pad|>"]), ("video", ids["<|video_pad|>"])), vision=rule)
+
+
+def test_expanded_ids_equal_the_qwen2_vl_processors(folder):
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+    root, ids = folder
+    rule = VisionRule(patch_size=4, merge_size=2, in_channels=1, image_mean=(0.5,), image_std=(0.5,),
+                      min_pixels=64, max_pixels=512, video_min_pixels=64, video_max_pixels=512)
+    hf_tok = AutoTokenizer.from_pretrained(root / "backbone")
+    images = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,  # grids only: RGB is fine
+                                      size={"shortest_edge": 64, "longest_edge": 512})
+    processor = types.SimpleNamespace(image_processor=images, video_processor=types.SimpleNamespace(merge_size=2),
+                                      image_token="<|image_pad|>", video_token="<|video_pad|>")
+    ours_tok = load_tokenizer(str(root / "backbone"))
+    template = ChatTemplate(load_chat_template(root / "backbone"), special_tokens(root / "backbone"))
+    messages = [
+        {"role": "system", "content": "You read digits."},
+        {"role": "user", "content": [{"type": "image", "image": "media/img1.png"}, {"type": "text", "text": "and"},
+                                     {"type": "video", "video": "media/vid1.mp4"},
+                                     {"type": "image", "image": "media/img2.png"}, {"type": "text", "text": "?"}]},
+        {"role": "assistant", "content": "one two"},
+        {"role": "user", "content": [{"type": "image", "image": "media/img3.png"}]},
+        {"role": "assistant", "content": "nine"},
+    ]
+    ours, mask, refs = encode_media_conversation(ours_tok, template, messages, _plan(ids, rule), root)
+
+    text = hf_tok.apply_chat_template(messages, tokenize=False)
+    image_grids = images([str(root / "media" / f"img{k}.png") for k in (1, 2, 3)])["image_grid_thw"]
+    video_grid = [r["grid"] for r in refs if r["type"] == "video"]
+    expanded, k_img, k_vid = "", 0, 0
+    for piece in text.split("<|vision_start|>"):  # each media token, in order, by the processor's own rule
+        if piece.startswith("<|image_pad|>"):
+            piece = Qwen2VLProcessor.replace_image_token(processor, {"image_grid_thw": image_grids}, k_img) + piece[13:]
+            k_img += 1
+        elif piece.startswith("<|video_pad|>"):
+            piece = Qwen2VLProcessor.replace_video_token(processor, {"video_grid_thw": torch.tensor(video_grid)},
+                                                         k_vid) + piece[13:]
+            k_vid += 1
+        expanded += ("<|vision_start|>" if expanded or text.startswith("<|vision_start|>") else "") + piece
+    reference = hf_tok(expanded, add_special_tokens=False)["input_ids"]
+    assert (k_img, k_vid) == (3, 1)
+    assert ours == reference
+    assert [r["grid"] for r in refs if r["type"] == "image"] == image_grids.tolist()
+    media_ids = {ids["<|image_pad|>"], ids["<|video_pad|>"]}
+    assert not any(m for t, m in zip(ours, mask) if t in media_ids), "placeholders are never targets"
+    answers = [t for t, m in zip(ours, mask) if m]
+    assert hf_tok.decode(answers) == "one two<|im_end|>nine<|im_end|>"
+
+
+def test_tokenizers_without_media_tokens_get_the_parts_placeholders(folder, tmp_path):
+    from omni_datasets.sft_text import make as sft
+
+    root, _ = folder
+    sft.make_tokenizer(tmp_path, ["which digit is this seven three"] * 50, vocab_size=300)
+    tok = load_tokenizer(str(tmp_path))
+    template = ChatTemplate(load_chat_template(tmp_path), special_tokens(tmp_path))
+    rule = VisionRule(patch_size=4, merge_size=2, in_channels=1, image_mean=(0.5,), image_std=(0.5,),
+                      min_pixels=64, max_pixels=512)
+    plan = MediaPlan(parts=(("image", "vision"),), placeholders=(("vision", 511),), native=(), vision=rule)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Which digit"},
+                                             {"type": "image", "image": "media/img0.png"},
+                                             {"type": "text", "text": " is this?"}]},
+                {"role": "assistant", "content": "seven"}]
+    ids, mask, refs = encode_media_conversation(tok, template, messages, plan, root)
+    at = ids.index(511)
+    n = refs[0]["tokens"]
+    assert n == 4 and ids[at:at + n] == [511] * n and ids.count(511) == n
+    text_only = [{"role": "user", "content": "Which digit is this?"}, {"role": "assistant", "content": "seven"}]
+    plain, plain_mask = encode_conversation_ids(tok, template, text_only)
+    assert ids[:at] == plain[:at], "the text before the image tokenises as it would alone"
+    assert [t for t, m in zip(ids, mask) if m] == [t for t, m in zip(plain, plain_mask) if m]
+
+
+def encode_conversation_ids(tok, template, messages):
+    from engine.data.chat import encode_conversation
+
+    return encode_conversation(tok, template, messages)
+
+
+def test_lengths_come_from_headers_and_equal_the_decoded_samples(folder):
+    root, ids = folder
+    cfg = _load(_config(root, ids))
+    data = build_train_data(cfg)
+    source = data.sources[0]
+    assert len(source) == 48 and not data.skipped_counts()
+    for i in range(12):
+        sample = source.sample(i)
+        assert len(sample) == source.length(i)
+        found = {ph: sum(t == ph for t in sample.tokens) for ph in (ids["<|image_pad|>"], ids["<|audio_pad|>"])}
+        need = {ids["<|image_pad|>"]: sum(int(p["grid_thw"].prod()) // 4 for p in sample.payloads.get("vision", [])),
+                ids["<|audio_pad|>"]: sum(int(((p["feature_lens"] - 1) // 2 + 1) // 4) for p in
+                                          sample.payloads.get("audio", []))}
+        assert found == need and sum(need.values()) > 0
+    assert ids["<|video_pad|>"] not in {t for i in range(12) for t in source.sample(i).tokens}, \
+        "video pads reach the model as the vision part's placeholder"
+
+
+BAD_ROWS = [
+    ("missing", {"type": "image", "image": "media/nope.png"}),
+    ("corrupt", {"type": "image", "image": "bad/garbage.png"}),
+    ("unsupported", {"type": "image", "image": "bad/notes.txt"}),
+    ("empty_audio", {"type": "audio", "audio": "bad/empty.wav"}),
+    ("no_frames", {"type": "video", "video": "bad/noframes.mp4"}),
+    ("too_long", {"type": "audio", "audio": "bad/long.wav"}),
+]
+
+
+def _bad_media(root: Path) -> None:
+    bad = root / "bad"
+    bad.mkdir(exist_ok=True)
+    (bad / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (bad / "notes.txt").write_text("not an image")
+    sf.write(bad / "empty.wav", np.zeros(0, np.int16), 16000)
+    sf.write(bad / "long.wav", np.zeros(16000 * 3, np.int16), 16000)  # 300 frames > the part's 200
+    with av.open(str(bad / "noframes.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=2)
+        stream.width = stream.height = 16
+        stream.pix_fmt = "yuv420p"
+        container.start_encoding()  # a header and no frame
+
+
+def test_bad_media_is_skipped_by_reason_or_a_strict_one_line_error(folder, tmp_path):
+    root, ids = folder
+    _bad_media(root)
+    good = json.loads((root / "train.jsonl").read_text().splitlines()[0])
+    rows = [good] + [{"messages": [{"role": "user", "content": [part, {"type": "text", "text": "?"}]},
+                                   {"role": "assistant", "content": "seven"}]} for _, part in BAD_ROWS]
+    data_file = root / "bad.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _load(_config(root, ids), f"--data.path={data_file}", f"--data.cache_dir={tmp_path / 'c'}")
+    data = build_train_data(cfg)
+    assert data.skipped_counts() == {reason: 1 for reason, _ in BAD_ROWS}
+    assert len(data.sources[0]) == 1
+
+    for line, (reason, part) in enumerate(BAD_ROWS, start=2):
+        one = root / f"strict_{reason}.jsonl"
+        one.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[line - 1]) + "\n")
+        strict = _load(root / "run.yaml", f"--data.path={one}", f"--data.cache_dir={tmp_path / reason}",
+                       "--data.strict=true")
+        with pytest.raises(DataError) as error:
+            build_train_data(strict)
+        message = str(error.value)
+        assert "\n" not in message and f"{one}:2" in message and Path(part[part["type"]]).name in message, message
+
+    # the entry point: exit code 2 and the one line, no traceback
+    run = subprocess.run([sys.executable, str(ROOT / "pretrain_omni.py"), "--config", str(root / "run.yaml"),
+                          f"--data.path={one}", f"--data.cache_dir={tmp_path / 's'}", "--data.strict=true",
+                          f"--train.output_dir={tmp_path / 'o'}"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert [ln for ln in run.stderr.splitlines() if ln.startswith("error:")] == [f"error: {message}"]
+
+
+def test_a_file_that_changes_after_preparing_drops_its_sample(folder, tmp_path):
+    root, ids = folder
+    copy = tmp_path / "media"
+    copy.mkdir()
+    Image.fromarray(_picture(16, 16, 0)).save(copy / "img.png")
+    row = {"messages": [{"role": "user", "content": [{"type": "image", "image": "media/img.png"}]},
+                        {"role": "assistant", "content": "seven"}]}
+    text = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "seven"}]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(text) + "\n")
+    cfg = _load(_config(root, ids), f"--data.path={tmp_path / 'd.jsonl'}", f"--data.cache_dir={tmp_path / 'c'}")
+    data = build_train_data(cfg)
+    Image.fromarray(_picture(8, 24, 0)).save(copy / "img.png")  # another size: other placeholder count
+    batch = data.micro_batches(0, 4, 0, 1, 4)[0]
+    assert set(data.skipped_counts()) == {"changed"} and data.skipped_counts()["changed"] >= 1
+    assert (batch.labels != -100).any(), "the text sample still trains"
+    assert "vision" not in batch.payloads
+
+
+@pytest.mark.slow
+def test_media_conversations_train_alike_on_one_process_fsdp2_and_sp2(folder, tmp_path):
+    root, ids = folder
+    config = str(_config(root, ids))
+    base = ("--train.steps=4", f"--data.cache_dir={root / 'cache'}")
+    one = losses(train(tmp_path / "one", 1, *base, config=config))
+    fsdp = losses(train(tmp_path / "fsdp", 2, *base, config=config))
+    sp = losses(train(tmp_path / "sp", 2, *base, "--parallel.sp_size=2", config=config))
+    assert_close(fsdp, one, rel=1e-5)
+    assert_close(sp, one, rel=1e-5)
+    assert one[-1] < one[0]
+
+
+def test_resuming_mid_epoch_gives_the_uninterrupted_batches(folder):
+    root, ids = folder
+    cfg = _load(_config(root, ids))
+    straight = build_train_data(cfg)
+    wanted = [straight.micro_batches(step, 4, 0, 1, 4)[0] for step in range(14)]  # 48 samples: past one epoch
+    resumed = build_train_data(cfg)
+    for step in (9, 13):
+        got = resumed.micro_batches(step, 4, 0, 1, 4)[0]
+        assert torch.equal(got.input_ids, wanted[step].input_ids) and torch.equal(got.labels, wanted[step].labels)
+        for name, payload in wanted[step].payloads.items():
+            for key, value in payload.items():
+                assert torch.equal(got.payloads[name][key], value)
