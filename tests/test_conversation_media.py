@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import torch
 
+import engine
+
 from launch import assert_close, losses, train
 
 av = pytest.importorskip("av")
@@ -336,3 +338,81 @@ def test_resuming_mid_epoch_gives_the_uninterrupted_batches(folder):
         for name, payload in wanted[step].payloads.items():
             for key, value in payload.items():
                 assert torch.equal(got.payloads[name][key], value)
+
+
+QWEN2_VL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_released_qwen2_vl_reads_media_conversations_with_transformers_logits(folder, tmp_path):
+    """The whole data path (template, expansion, decoding, M-RoPE, placeholders) into the model
+    loaded from a Qwen2-VL folder gives the logits transformers gives for the same conversation,
+    fed by its own image processor and its own expansion rule."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from engine.checkpoint.weights import compose_from_init_from
+    from engine.data import PromptEncoder, pack_rows
+    from test_qwen2_vl import IMAGE, VIDEO, tiny_qwen2_vl
+
+    root, _ = folder
+    qwen = tmp_path / "qwen2_vl"
+    hf = tiny_qwen2_vl(qwen)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    words = [" ".join(f"word{(i * 7 + j) % 97}" for j in range(30)) for i in range(200)]  # enough merges for 300 ids
+    tok.train_from_iterator(words, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert tok.add_special_tokens(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]) == 4
+    assert tok.token_to_id("<|image_pad|>") == IMAGE and tok.token_to_id("<|video_pad|>") == VIDEO
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                            chat_template=QWEN2_VL_TEMPLATE).save_pretrained(qwen)
+    color = tmp_path / "color.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (10, 14, 3), dtype=np.uint8)).save(color)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "which digit"}, {"type": "image", "image": str(color)},
+                                             {"type": "video", "video": str(root / "media" / "vid1.mp4")},
+                                             {"type": "image", "image": "media/img1.png"}]},
+                {"role": "assistant", "content": "this picture"}]
+
+    cfg = _load(_config(root, {"<|image_pad|>": 0, "<|audio_pad|>": 0}), f"--model.init_from={qwen}",
+                "--data.tokenizer=" + str(qwen), "--data.min_pixels=16", "--data.max_pixels=256")
+    cfg.model.encoders, cfg.model.decoders = [], []
+    cfg = compose_from_init_from(cfg)
+    sample = PromptEncoder(cfg).sample(messages, root, add_generation_prompt=False)
+    omni = engine.load_pretrained(str(qwen)).omni
+    batch = pack_rows([[sample]], len(sample), 0, omni.ph, [], dict(omni.encoders))
+    with torch.no_grad():
+        ours = omni.text_logits(batch)
+
+    hf_tok = AutoTokenizer.from_pretrained(qwen)
+    images = Qwen2VLImageProcessorPil(patch_size=2, merge_size=2, temporal_patch_size=2,
+                                      size={"shortest_edge": 16, "longest_edge": 256})
+    image_inputs = images([str(color), str(root / "media" / "img1.png")])
+    video = sample.payloads["vision"][1]  # decoded by engine.data.media (parity in tests/test_media.py)
+    text = hf_tok.apply_chat_template(messages, tokenize=False)
+    for grid, token in [(image_inputs["image_grid_thw"][0], "<|image_pad|>"), (video["grid_thw"][0], "<|video_pad|>"),
+                        (image_inputs["image_grid_thw"][1], "<|image_pad|>")]:
+        text = text.replace(token, "\0" * (int(grid.prod()) // 4), 1)  # the processor's rule, one media at a time
+    for token in ("<|image_pad|>", "<|video_pad|>"):
+        assert token not in text
+    kinds = iter(["<|image_pad|>"] * int(image_inputs["image_grid_thw"][0].prod() // 4)
+                 + ["<|video_pad|>"] * int(video["grid_thw"][0].prod() // 4)
+                 + ["<|image_pad|>"] * int(image_inputs["image_grid_thw"][1].prod() // 4))
+    text = "".join(next(kinds) if ch == "\0" else ch for ch in text)
+    ids = torch.tensor([hf_tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=torch.ones_like(ids),
+                    mm_token_type_ids=(ids == IMAGE).long() + 2 * (ids == VIDEO).long(),
+                    pixel_values=torch.as_tensor(image_inputs["pixel_values"]),
+                    image_grid_thw=torch.as_tensor(image_inputs["image_grid_thw"]),
+                    pixel_values_videos=video["pixel_values"], video_grid_thw=video["grid_thw"]).logits
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() < 1e-4
