@@ -2,8 +2,10 @@
 
 Build stages (`Trainer.__init__`): prepare data files -> layout -> model on meta ->
 parallelise -> weights (seeded init, init_from) -> data -> optimizer -> checkpoint manager
-(and resume). Nothing flows backwards: the data is built from the config, not the model,
-and weights reach the model only through engine/checkpoint/weights.py and the manager.
+(and resume); with `data.num_workers`, the data's worker processes start right after the
+layout, so that they start up while the model is built. Nothing flows backwards: the data
+is built from the config, not the model, and weights reach the model only through
+engine/checkpoint/weights.py and the manager.
 
 The model contract (engine/models/contract.py) is the same for dense, MoE and omni models,
 so the loop has no branch on the model kind. The loss is token-weighted: every rank sums
@@ -14,6 +16,7 @@ so the gradient equals the one-process gradient whatever the layout or the accum
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -31,6 +34,7 @@ from engine.checkpoint.weights import compose_from_init_from, initial_weights_
 from engine.comm import STATS, DistContext, all_reduce, init_distributed, shutdown
 from engine.config import Config, expand_path, resolve_layout
 from engine.data.sources import build_eval_data, build_train_data, prepare_data
+from engine.data.workers import BackgroundData
 from engine.models import build_model
 from engine.models.contract import check_contract
 from engine.models.dense import token_loss_sum  # noqa: F401  (re-exported for tools and tests)
@@ -55,16 +59,28 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 class Trainer:
     def __init__(self, cfg: Config, ctx: DistContext):
         self.ctx = ctx
+        self.data = None
+        try:
+            self._build(cfg, ctx)
+        except BaseException:
+            self.close_data()  # a failed build leaves no data workers behind
+            raise
+
+    def _build(self, cfg: Config, ctx: DistContext) -> None:
         cfg = compose_from_init_from(cfg)  # a whole released model in model.init_from decides the model keys
         self.cfg = prepare_data(cfg)  # the dataset's files, and weights it makes for parts (as their init_from)
         self._build_layout()
+        self.data = self._background_data()
         model = self._build_model_on_meta()
         self.model = parallelize(model, self.cfg, self.dims, self.meshes, ctx.device.type)
         self.ckpt = CheckpointManager(self.output_dir, ctx, self.cfg.checkpoint.interval, self.cfg.checkpoint.enabled,
                                       expert_mesh=self.meshes.expert_global if self.meshes else None)
         resume_from = self.ckpt.resolve_resume(self.cfg.checkpoint.resume)
         initial_weights_(self.model, self.cfg, ctx.device, resuming=resume_from is not None)
-        self.data = build_train_data(self.cfg)
+        if self.data is None:
+            self.data = build_train_data(self.cfg)
+        else:
+            self.data.wait_ready()  # a data error stops the build here, as without workers
         self.eval_data = build_eval_data(self.cfg)
         self.eval_rows = self.eval_data.num_rows() if self.eval_data is not None else 0
         self.optimizer = build_optimizer(self.model, self.cfg.train)
@@ -84,6 +100,20 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if use_autocast else nullcontext
         self.output_dir = expand_path(cfg.train.output_dir)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
+
+    def _background_data(self) -> BackgroundData | None:
+        """With data.num_workers: the training data built, and each step's batches computed, in
+        that many background processes of this rank, started now (the evaluation data stays here)."""
+        d = self.cfg.data
+        if d.num_workers <= 0:
+            return None
+        return BackgroundData(functools.partial(build_train_data, self.cfg), d.num_workers, d.global_batch_size,
+                              self.dp_rank, self.dims.dp, self.layout["micro_batch"])
+
+    def close_data(self) -> None:
+        """Stop the data workers (data.num_workers), if any."""
+        if isinstance(self.data, BackgroundData):
+            self.data.close()
 
     def _build_model_on_meta(self):
         with torch.device("meta"):
@@ -249,6 +279,7 @@ class Trainer:
         return records
 
     def close(self) -> None:
+        self.close_data()
         # Dropping model and optimizer before tearing down the group avoids gloo aborts at exit.
         self.model = self.optimizer = self.scheduler = None
         gc.collect()
