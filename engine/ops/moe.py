@@ -67,8 +67,20 @@ def _use_grouped_kernel(x: torch.Tensor, weight_t: torch.Tensor) -> bool:
     return ok
 
 
-@torch.compiler.disable
 def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """`_run_probe` outside any compiled graph. torch.compiler.disable is applied on the first
+    call, not at import: decorating imports torch._dynamo (~1.8 s), which every process that
+    only reads data (loader workers, tokenisers) would pay."""
+    global _PROBE
+    if _PROBE is None:
+        _PROBE = torch.compiler.disable(_run_probe)
+    return _PROBE(device, dtype)
+
+
+_PROBE = None
+
+
+def _run_probe(device: torch.device, dtype: torch.dtype) -> bool:
     """Run the kernel forward and backward on a toy problem.
 
     The first MoE forward calls this, possibly inside an activation-checkpointed block:
