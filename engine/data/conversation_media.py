@@ -4,8 +4,8 @@ tokens each one fills, and where those tokens go in the conversation's ids.
 Messages carry media as transformers' chat templates take them: content parts
 ``{"type": "image", "image": PATH}``, ``{"type": "video", "video": PATH}``,
 ``{"type": "audio", "audio": PATH}`` (``"path"`` is accepted for the file too), PATH relative
-to the data file. Images and videos go to the model's registered ``vision`` part, audio to its
-``audio`` part (`MediaPlan`).
+to the data file. Each goes to the model's first part whose class lists its type in
+`Encoder.media` (the built-in ``vision`` part reads images and videos, ``audio`` clips).
 
 How a payload's tokens enter the ids, as the checkpoint's processor does it:
 
@@ -44,7 +44,6 @@ from .media import AudioRule, MediaError, VisionRule, audio_frames, image_grid, 
 __all__ = ["MEDIA_TYPES", "MediaPlan", "conversation_media", "encode_media_conversation", "load_payloads",
            "media_plan", "model_ids"]
 
-PART_OF_TYPE = {"image": "vision", "video": "vision", "audio": "audio"}  # registered part names
 NATIVE_TOKENS = {"image": ("<|image_pad|>", "<|IMAGE|>"), "video": ("<|video_pad|>", "<|VIDEO|>"),
                  "audio": ("<|audio_pad|>", "<|AUDIO|>")}
 _SENTINEL = re.compile("\ue000(\\d+)\ue001")  # private-use characters: never in real text
@@ -99,21 +98,22 @@ def _preprocessor_config(folder: Optional[Path]) -> dict:
 
 
 def media_plan(cfg, parts, tokenizer, folder: Optional[Path]) -> Optional[MediaPlan]:
-    """The plan of a config whose model has a `vision` and/or `audio` part (None without).
+    """The plan of a config whose model has parts that read media (None without).
     `parts`: the model's PartLayout; `tokenizer`: the data tokenizer (for its native media
     tokens); `folder`: the tokenizer's folder (its preprocessor_config.json gives the image
     size bounds and normalisation the checkpoint was trained with; data.* keys win)."""
     if parts is None:
         return None
-    by_registered = {}
+    reader = {}  # media type -> the first part (config order) whose class reads it
     for name, module in parts.parts.items():
-        by_registered.setdefault(getattr(type(module), "registered_name", None), name)
-    kinds = tuple((kind, by_registered[reg]) for kind, reg in PART_OF_TYPE.items() if reg in by_registered)
+        for kind in getattr(type(module), "media", ()):
+            reader.setdefault(kind, name)
+    kinds = tuple((kind, reader[kind]) for kind in MEDIA_TYPES if kind in reader)
     if not kinds:
         return None
     d, vision, audio, audio_tokens = cfg.data, None, None, ()
-    if "vision" in by_registered:
-        v = parts.parts[by_registered["vision"]]
+    if "image" in reader or "video" in reader:
+        v = parts.parts[reader.get("image", reader.get("video"))]
         pre = _preprocessor_config(folder)
         one = v.in_channels == 1
         mean = tuple(pre.get("image_mean", (0.5,) if one else VisionRule.image_mean))
@@ -126,11 +126,11 @@ def media_plan(cfg, parts, tokenizer, folder: Optional[Path]) -> Optional[MediaP
                             min_pixels=int(d.min_pixels or pre.get("min_pixels", VisionRule.min_pixels)),
                             max_pixels=int(d.max_pixels or pre.get("max_pixels", VisionRule.max_pixels)),
                             image_mean=mean, image_std=std, video_fps=float(d.video_fps), max_frames=int(d.max_frames),
-                            **{k: int(v) for k, v in videos.items() if v})
+                            **{key: int(px) for key, px in videos.items() if px})
         probe = {"grid_thw": torch.tensor([[2, 2 * v.spatial_merge_size, 3 * v.spatial_merge_size]])}
         assert v.num_tokens(probe) == 12, "the vision part's token count is t*h*w / merge**2 (Qwen2-VL)"
-    if "audio" in by_registered:
-        a = parts.parts[by_registered["audio"]]
+    if "audio" in reader:
+        a = parts.parts[reader["audio"]]
         audio = AudioRule(num_mel_bins=a.num_mel_bins, min_frames=a.min_frames, max_frames=a.max_frames)
         audio_tokens = tuple(int(n) for n in a.tokens_per_clip(torch.arange(a.max_frames + 1)))
     vocab = getattr(tokenizer, "_tok", None)
@@ -165,7 +165,7 @@ def conversation_media(messages, plan: Optional[MediaPlan], base_dir: Path) -> l
     for i, kind, file in _media_parts(messages):
         if plan is None or plan.part(kind) is None:
             raise ConversationError("no_part_for_" + kind, f"message {i} has a {kind} but the model has no "
-                                    f"{PART_OF_TYPE[kind]} part to read it: add one to model.encoders, or drop the "
+                                    f"part that reads {kind}s (e.g. {'audio' if kind == 'audio' else 'vision'}): add one to model.encoders, or drop the "
                                     f"{kind}s from the data")
         if not isinstance(file, str) or not file:
             raise ConversationError("bad_content", f"message {i}: a {kind} part needs its file as "

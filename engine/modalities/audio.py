@@ -173,6 +173,8 @@ class AudioEncoder(Encoder):
     the average pool over time applied after the encoder. Defaults are whisper-tiny's.
     """
 
+    media = ("audio",)
+
     def __init__(self, num_mel_bins: int = 80, d_model: int = 384, encoder_layers: int = 4,
                  encoder_attention_heads: int = 6, encoder_ffn_dim: int = 1536, max_source_positions: int = 1500,
                  pool_stride: int = 2, dropout: float = 0.0, attention_dropout: float = 0.0,

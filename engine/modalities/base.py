@@ -20,6 +20,12 @@ class Encoder(nn.Module):
     rows, before the omni model's projector to the backbone width)."""
 
     out_dim: int
+    media: tuple[str, ...] = ()
+    """Media types of conversation content parts this encoder reads (engine/data/
+    conversation_media.py): "image" / "video" for a Qwen2-VL-style patch encoder (it then has
+    patch_size, spatial_merge_size, temporal_patch_size, in_channels and takes
+    {"pixel_values", "grid_thw"}), "audio" for a Whisper-style one (num_mel_bins, min_frames,
+    max_frames, tokens_per_clip; takes {"input_features", "feature_lens"})."""
 
     def forward(self, method: str, *args, **kwargs):
         """`part("lm_encode", payload)` == `part.lm_encode(payload)`, but through __call__."""

@@ -225,6 +225,8 @@ class VisionEncoder(Encoder):
     the defaults are a CPU-test size (Qwen2-VL-7B: depth=32, embed_dim=1280, num_heads=16,
     patch_size=14, hidden_size=3584)."""
 
+    media = ("image", "video")
+
     def __init__(self, *, depth: int = 2, embed_dim: int = 64, num_heads: int = 4, mlp_ratio: float = 4.0,
                  in_channels: int = 3, patch_size: int = 14, temporal_patch_size: int = 2,
                  spatial_merge_size: int = 2, hidden_act: str = "quick_gelu", hidden_size: int = 64,
