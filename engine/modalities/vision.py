@@ -268,25 +268,26 @@ class VisionEncoder(Encoder):
                 "grid_thw": torch.tensor([[1, m, m]], dtype=torch.long, device=device)}
 
     def check_payload(self, payload: dict[str, torch.Tensor]) -> None:
+        where = f"{self.registered_name} payload"  # "vision", or a part that reuses this method
         for key in ("pixel_values", "grid_thw"):
             if key not in payload:
-                raise ValueError(f"vision payload: missing key {key!r} (found keys {sorted(payload)})")
+                raise ValueError(f"{where}: missing key {key!r} (found keys {sorted(payload)})")
         pix, grid = payload["pixel_values"], payload["grid_thw"]
         if pix.ndim != 2 or pix.shape[1] != self.patch_dim or not pix.is_floating_point():
-            raise ValueError(f"vision payload: pixel_values has shape {tuple(pix.shape)} and dtype {pix.dtype}, "
+            raise ValueError(f"{where}: pixel_values has shape {tuple(pix.shape)} and dtype {pix.dtype}, "
                              f"expected [num_patches, {self.patch_dim}] float (in_channels {self.in_channels} x "
                              f"temporal_patch_size {self.temporal_patch_size} x patch_size {self.patch_size}^2)")
         if grid.ndim != 2 or grid.shape[1] != 3 or grid.shape[0] == 0 or grid.is_floating_point():
-            raise ValueError(f"vision payload: grid_thw has shape {tuple(grid.shape)} and dtype {grid.dtype}, "
+            raise ValueError(f"{where}: grid_thw has shape {tuple(grid.shape)} and dtype {grid.dtype}, "
                              "expected [num_inputs >= 1, 3] integer (t, h, w)")
         m = self.spatial_merge_size
         for i, (t, h, w) in enumerate(grid.tolist()):
             if t < 1 or h < 1 or w < 1 or h % m or w % m:
-                raise ValueError(f"vision payload: grid_thw[{i}] = {[t, h, w]}: t, h, w must be >= 1 and h, w "
+                raise ValueError(f"{where}: grid_thw[{i}] = {[t, h, w]}: t, h, w must be >= 1 and h, w "
                                  f"divisible by spatial_merge_size={m}")
         n = int(grid.prod(-1).sum())
         if n != pix.shape[0]:
-            raise ValueError(f"vision payload: pixel_values has {pix.shape[0]} patches (shape {tuple(pix.shape)}) but "
+            raise ValueError(f"{where}: pixel_values has {pix.shape[0]} patches (shape {tuple(pix.shape)}) but "
                              f"grid_thw {grid.tolist()} describes sum(t*h*w) = {n}")
 
     # -- computation
