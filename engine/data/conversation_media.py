@@ -39,7 +39,7 @@ import torch
 
 from .chat import ConversationError, MEDIA_TYPES, encode_conversation
 from .media import AudioRule, MediaError, VisionRule, audio_frames, image_grid, load_audio, load_image, load_video, \
-    video_grid
+    video_timing
 
 __all__ = ["MEDIA_TYPES", "MediaPlan", "conversation_media", "encode_media_conversation", "load_payloads",
            "media_plan", "model_ids"]
@@ -60,6 +60,7 @@ class MediaPlan:
     vision: Optional[VisionRule] = None
     audio: Optional[AudioRule] = None
     audio_tokens: tuple[int, ...] = ()            # tokens of a clip of f log-mel frames, f = 0..max_frames
+    tokens_per_second: Optional[float] = None     # Qwen2.5-VL: video positions advance this much per second
 
     def part(self, kind: str) -> Optional[str]:
         return dict(self.parts).get(kind)
@@ -111,7 +112,7 @@ def media_plan(cfg, parts, tokenizer, folder: Optional[Path]) -> Optional[MediaP
     kinds = tuple((kind, reader[kind]) for kind in MEDIA_TYPES if kind in reader)
     if not kinds:
         return None
-    d, vision, audio, audio_tokens = cfg.data, None, None, ()
+    d, vision, audio, audio_tokens, tokens_per_second = cfg.data, None, None, (), None
     if "image" in reader or "video" in reader:
         v = parts.parts[reader.get("image", reader.get("video"))]
         pre = _preprocessor_config(folder)
@@ -127,6 +128,7 @@ def media_plan(cfg, parts, tokenizer, folder: Optional[Path]) -> Optional[MediaP
                             max_pixels=int(d.max_pixels or pre.get("max_pixels", VisionRule.max_pixels)),
                             image_mean=mean, image_std=std, video_fps=float(d.video_fps), max_frames=int(d.max_frames),
                             **{key: int(px) for key, px in videos.items() if px})
+        tokens_per_second = getattr(v, "tokens_per_second", None)
         probe = {"grid_thw": torch.tensor([[2, 2 * v.spatial_merge_size, 3 * v.spatial_merge_size]])}
         assert v.num_tokens(probe) == 12, "the vision part's token count is t*h*w / merge**2 (Qwen2-VL)"
     if "audio" in reader:
@@ -142,7 +144,7 @@ def media_plan(cfg, parts, tokenizer, folder: Optional[Path]) -> Optional[MediaP
                 native.append((kind, int(i)))
                 break
     placeholders = tuple((name, parts.placeholders[name]) for name in sorted({n for _, n in kinds}))
-    return MediaPlan(kinds, placeholders, tuple(native), vision, audio, audio_tokens)
+    return MediaPlan(kinds, placeholders, tuple(native), vision, audio, audio_tokens, tokens_per_second)
 
 
 # ---- the media of a conversation -------------------------------------------------------------
@@ -177,8 +179,11 @@ def conversation_media(messages, plan: Optional[MediaPlan], base_dir: Path) -> l
         ref = {"type": kind, "path": str(path)}
         if kind == "audio":
             ref["frames"] = audio_frames(path, plan.audio)
+        elif kind == "image":
+            ref["grid"] = list(image_grid(path, plan.vision))
         else:
-            ref["grid"] = list((image_grid if kind == "image" else video_grid)(path, plan.vision))
+            grid, seconds = video_timing(path, plan.vision)
+            ref["grid"], ref["seconds_per_grid"] = list(grid), seconds
         ref["tokens"] = plan.tokens(ref)
         refs.append(ref)
     return refs
@@ -287,8 +292,12 @@ def model_ids(ids: np.ndarray, refs: list[dict], plan: Optional[MediaPlan], mrop
         grids = {kind: [r["grid"] for r in refs if r["type"] == kind] or None for kind in ("image", "video")}
         token = {kind: (plan.native_id(kind) if plan and plan.native_id(kind) is not None else -1)
                  for kind in ("image", "video")}
-        positions, _ = mrope_positions(ids, grids["image"], grids["video"], token["image"], token["video"],
-                                       plan.vision.merge_size if plan and plan.vision else 2)
+        timed = plan is not None and plan.tokens_per_second is not None and grids["video"] is not None
+        positions, _ = mrope_positions(
+            ids, grids["image"], grids["video"], token["image"], token["video"],
+            plan.vision.merge_size if plan and plan.vision else 2,
+            [r["seconds_per_grid"] for r in refs if r["type"] == "video"] if timed else None,
+            plan.tokens_per_second if timed else None)
     to_placeholder = plan.id_to_placeholder() if plan else {}
     if to_placeholder:
         ids = np.array([to_placeholder.get(t, t) for t in ids.tolist()], dtype=np.int64)

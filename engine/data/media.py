@@ -510,11 +510,19 @@ def _video_grid(path: PathLike, header: _VideoHeader, rule: VisionRule, n_frames
 def video_grid(path: PathLike, rule: VisionRule | None = None) -> tuple[int, int, int]:
     """(t, h, w) in patches of `load_video(path, rule)`, from the container's and the first video
     stream's headers only (frame count or duration, average rate, width, height; no decode)."""
+    return video_timing(path, rule)[0]
+
+
+def video_timing(path: PathLike, rule: VisionRule | None = None) -> tuple[tuple[int, int, int], float]:
+    """(`video_grid`, seconds one temporal patch spans) from the headers: Qwen2.5-VL's processor's
+    ``second_per_grid_ts`` = temporal_patch_size / the sampled fps (sampled frames / all frames x
+    the stream's rate, transformers' ``VideoMetadata.sampled_fps``)."""
     rule = rule or VisionRule()
     container = _open_video(path)
     with container:
         _, header = _video_header(path, container)
-    return _video_grid(path, header, rule, len(_sample_indices(header.total, header.fps, rule)))
+    n = len(_sample_indices(header.total, header.fps, rule))
+    return _video_grid(path, header, rule, n), rule.temporal_patch_size / (n / header.total * header.fps)
 
 
 def load_video(path: PathLike, rule: VisionRule | None = None) -> dict[str, torch.Tensor]:
