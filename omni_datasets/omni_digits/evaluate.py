@@ -3,6 +3,7 @@
 
     python -m omni_datasets.omni_digits.evaluate OUTPUT_DIR    # latest complete checkpoint in OUTPUT_DIR
     python -m omni_datasets.omni_digits.evaluate OUTPUT_DIR --checkpoint OUTPUT_DIR/checkpoints/step_00000300 --samples 5
+    python -m omni_datasets.omni_digits.evaluate OUTPUT_DIR --conversations data/sft_omni/heldout.jsonl  # sft_omni
 
 Scores (fractions), written to OUTPUT_DIR/eval.json:
     image_to_digit     held-out images, greedy answer names the digit
@@ -35,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.data import OmniSample, pack_rows
+from engine.config import ConfigError
+from engine.data import DataError, OmniSample, pack_rows
 
 log = logging.getLogger("eval_omni")
 
@@ -303,13 +305,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="where eval.json and the PNG go (default: OUTPUT_DIR)")
+    parser.add_argument("--conversations", help="held-out conversations JSONL: score a model fine-tuned on them "
+                                                "(examples/configs/sft_omni.yaml) instead of the built-in tasks")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_grad_enabled(False)
     try:
-        result = evaluate(Path(args.output_dir), args.checkpoint, args.config, args.limit, args.samples,
-                          args.batch_size, args.seed, args.out)
-    except ValueError as e:
+        if args.conversations:
+            from .evaluate_conversations import evaluate_conversations
+
+            result = evaluate_conversations(Path(args.output_dir), Path(args.conversations), args.checkpoint,
+                                            args.config, args.limit, args.batch_size, args.out)
+        else:
+            result = evaluate(Path(args.output_dir), args.checkpoint, args.config, args.limit, args.samples,
+                              args.batch_size, args.seed, args.out)
+    except (ValueError, DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1))
