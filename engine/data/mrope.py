@@ -27,6 +27,38 @@ Qwen2.5-VL hook: pass ``tokens_per_second`` (its ``vision_config.tokens_per_seco
 optionally ``second_per_grid_ts`` (one per video, default 1.0); video temporal ids then step
 by ``tokens_per_second * second_per_grid_t`` (truncated to int, float32 like transformers).
 Qwen2-VL (``tokens_per_second=None``) steps by 1. Images always step by 1.
+
+Qwen2.5-Omni time-aligned M-RoPE (TMRoPE): ``tmrope_positions`` (one document) and
+``packed_tmrope_positions`` (a packed row), equal to
+``Qwen2_5OmniThinkerForConditionalGeneration.get_rope_index`` of transformers 5.x on the
+processor's layout (checked in tests/test_tmrope.py). Token ids and time scales are the
+thinker config's: ``audio_token_id`` (``audio_token_index``), ``image_token_id``,
+``video_token_id``, ``vision_start_token_id``, ``audio_start_token_id``,
+``position_id_per_seconds``, ``seconds_per_chunk``, and ``vision_config.spatial_merge_size``.
+
+- text: one id on all three axes, counting up by one;
+- audio (a run of ``audio_token_id``): consecutive ids, like text. ``audio_lengths`` are the RAW
+  feature lengths (mel frames, ``feature_attention_mask.sum(-1)``, what transformers takes as
+  ``audio_seqlens`` / ``audio_feature_lengths``); each becomes
+  ``audio_feature_tokens(L) = ((L - 1) // 2 + 1 - 2) // 2 + 1`` placeholder tokens;
+- an image: ``start + (t * position_id_per_seconds, h, w)`` over the merged grid (t is 0 for
+  the processor's single-frame images), text resuming at the image's max id + 1;
+- a video: the same with temporal ids ``int(t * second_per_grid_t * position_id_per_seconds)``
+  (float32, like transformers; ``second_per_grid_ts`` one per video, default 1.0 each);
+- ``use_audio_in_video=True``: every video is ``<vision_start><audio_start>``, then its frames and
+  the NEXT audio (in order of appearance) interleaved chunk by chunk (video chunk j, then audio
+  chunk j; a chunk holds the tokens whose time id falls in the next
+  ``int(position_id_per_seconds * seconds_per_chunk)`` ids, split exactly like transformers'
+  ``get_chunked_index``), then two end tokens. Both start tokens share one id p; the video and
+  the audio both start at p + 1 (time-aligned); both end tokens get the max id of the LAST chunk
+  placed + 1 (transformers' rule, not the span's max), and text resumes one after that.
+
+``delta = max(position) + 1 - len`` as for M-RoPE. Differences from transformers, deliberate:
+spans come from the placeholder ids (transformers assumes exactly one start/end token around each
+item and never checks), adjacent items of one kind are split by their sizes, a ValueError names
+the counts when placeholders and grids / audio lengths / the interleaving disagree (also for an
+audio of 0 tokens, where transformers crashes), padding gets 0 (transformers: 1), and packed
+rows restart per document.
 """
 
 from __future__ import annotations
@@ -179,4 +211,253 @@ def packed_mrope_positions(input_ids, doc_lens: Sequence[int], image_grid_thw=No
     for kind, g in grids.items():
         if taken[kind] != len(g):
             raise ValueError(f"{len(g)} {kind} grids given but the documents' placeholders use {taken[kind]}")
+    return pos, deltas
+
+
+# ---------------------------------------------------------------- Qwen2.5-Omni TMRoPE
+
+
+def audio_feature_tokens(feature_lengths) -> np.ndarray:
+    """Audio placeholder tokens per audio from its raw feature length (mel frames): the
+    Qwen2.5-Omni audio encoder's output length (conv stride 2, then pooling stride 2)."""
+    a = np.asarray(feature_lengths.detach().cpu() if hasattr(feature_lengths, "detach") else feature_lengths,
+                   dtype=np.int64).reshape(-1)
+    if (a < 0).any():
+        raise ValueError(f"audio feature lengths must be >= 0, got {a.tolist()}")
+    return ((a - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def _chunk_bounds(values: np.ndarray, per_chunk: int) -> list[tuple[int, int]]:
+    """transformers' ``get_chunked_index`` on non-decreasing ``values`` (time ids from 0), by runs
+    of equal values: at most one chunk closes per token, so a jump of several chunks lags one
+    token per extra chunk (reproduced, not fixed)."""
+    n = len(values)
+    if n == 0:
+        return [(0, 0)]
+    change = np.flatnonzero(np.diff(values)) + 1
+    starts, ends = np.concatenate(([0], change)), np.concatenate((change, [n]))
+    out, begin, chunk = [], 0, 1
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        v = int(values[a])
+        if v >= chunk * per_chunk:
+            closes = min(b - a, v // per_chunk - chunk + 1)
+            for i in range(a, a + closes):
+                out.append((begin, i))
+                begin = i
+            chunk += closes
+    out.append((begin, n))
+    return out
+
+
+def _vision(start: int, t_ids: np.ndarray, gh: int, gw: int) -> np.ndarray:
+    k = np.arange(len(t_ids) * gh * gw)
+    return start + np.stack([t_ids[k // (gh * gw)], (k // gw) % gh, k % gw])
+
+
+def _image_t(t: int, pps) -> np.ndarray:
+    if isinstance(pps, (int, np.integer)):  # torch: int64 arange * int stays int64
+        return np.arange(t, dtype=np.int64) * int(pps)
+    return (np.arange(t, dtype=np.float32) * np.float32(pps)).astype(np.int64)
+
+
+def _video_t(t: int, secs: float, pps) -> np.ndarray:
+    return (np.arange(t, dtype=np.float32) * np.float32(secs) * np.float32(pps)).astype(np.int64)
+
+
+def _floats(x, n: int, name: str, what: str) -> np.ndarray:
+    if x is None:
+        return np.ones(n, dtype=np.float64)
+    a = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float64).reshape(-1)
+    if len(a) != n:
+        raise ValueError(f"{len(a)} {name} values but {n} {what}")
+    return a
+
+
+def _audio_tokens(audio_lengths) -> tuple[np.ndarray, np.ndarray]:
+    if audio_lengths is None:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    raw = np.asarray(audio_lengths.detach().cpu() if hasattr(audio_lengths, "detach") else audio_lengths,
+                     dtype=np.int64).reshape(-1)
+    toks = audio_feature_tokens(raw)
+    if (toks <= 0).any():
+        k = int(np.flatnonzero(toks <= 0)[0])
+        raise ValueError(f"audio {k}: feature length {int(raw[k])} gives {int(toks[k])} tokens; an audio "
+                         f"needs >= 1 token (feature length >= 3)")
+    return raw, toks
+
+
+def tmrope_positions(input_ids, image_grid_thw=None, video_grid_thw=None, audio_lengths=None, *,
+                     image_token_id: int, video_token_id: int, audio_token_id: int,
+                     vision_start_token_id: int, audio_start_token_id: int, spatial_merge_size: int = 2,
+                     position_id_per_seconds: float = 25, seconds_per_chunk: float = 2,
+                     second_per_grid_ts=None, use_audio_in_video: bool = False) -> tuple[np.ndarray, int]:
+    """Qwen2.5-Omni TMRoPE positions of ONE document: ``(positions int64 [3, len], delta)``.
+
+    ``image_grid_thw`` / ``video_grid_thw``: ``[n, 3]`` patch grids in order of appearance;
+    ``audio_lengths``: RAW feature lengths (``feature_attention_mask.sum(-1)``), one per audio in
+    order of appearance, a video's own audio included when ``use_audio_in_video``;
+    ``second_per_grid_ts``: the processor's ``video_second_per_grid`` (default 1.0 per video).
+    Raises ValueError naming the counts when placeholders and grids / lengths disagree.
+    """
+    ids, merge = _ids(input_ids), int(spatial_merge_size)
+    images = _grids(image_grid_thw, "image_grid_thw", merge)
+    videos = _grids(video_grid_thw, "video_grid_thw", merge)
+    secs = _floats(second_per_grid_ts, len(videos), "second_per_grid_ts", "videos in video_grid_thw")
+    raw, audio_toks = _audio_tokens(audio_lengths)
+    pps = position_id_per_seconds
+    per_chunk = int(pps * seconds_per_chunk)
+    if use_audio_in_video and len(videos) and per_chunk < 1:
+        raise ValueError(f"int(position_id_per_seconds * seconds_per_chunk) = {per_chunk} must be >= 1")
+    token = {"image": image_token_id, "video": video_token_id, "audio": audio_token_id}
+    sizes = {"image": images.prod(axis=1) // merge**2, "video": videos.prod(axis=1) // merge**2,
+             "audio": audio_toks}
+    given = {"image": f"image_grid_thw {images.tolist()} needs", "video": f"video_grid_thw {videos.tolist()} needs",
+             "audio": f"audio_lengths {raw.tolist()} give"}
+    for kind, tok in token.items():
+        found = int((ids == tok).sum())
+        if found != int(sizes[kind].sum()):
+            raise ValueError(f"{found} {kind} placeholder tokens (id {tok}) but {given[kind]} "
+                             f"{int(sizes[kind].sum())} (tokens each: {sizes[kind].tolist()})")
+    if use_audio_in_video and len(videos) > len(audio_toks):
+        raise ValueError(f"use_audio_in_video: {len(videos)} videos need an audio each, but only "
+                         f"{len(audio_toks)} audio_lengths given")
+
+    n = len(ids)
+    pos = np.zeros((3, n), dtype=np.int64)
+    media = np.flatnonzero((ids == image_token_id) | (ids == video_token_id) | (ids == audio_token_id))
+    taken = {"image": 0, "video": 0, "audio": 0}
+    cur, i = 0, 0  # next text position, next token index
+
+    def take(kind: str, j: int) -> tuple[int, int]:
+        k = taken[kind]
+        if k >= len(sizes[kind]):  # unreachable when the totals match; kept as a guard
+            raise ValueError(f"{kind} placeholder at index {j} but all {len(sizes[kind])} {kind}s are used")
+        taken[kind] += 1
+        return k, int(sizes[kind][k])
+
+    def need_run(kind: str, k: int, j: int, m: int) -> None:
+        run = ids[j:j + m] == token[kind]
+        if len(run) < m or not run.all():
+            got = int(np.argmin(run)) if not run.all() else len(run)
+            raise ValueError(f"{kind} {k} needs {m} consecutive placeholder tokens from index {j}, found {got}")
+
+    while True:
+        p = int(np.searchsorted(media, i))
+        j = int(media[p]) if p < len(media) else n
+        pos[:, i:j] = cur + np.arange(j - i)  # text (and start / end tokens)
+        cur += j - i
+        if j == n:
+            break
+        tok = int(ids[j])
+        if tok == audio_token_id:
+            k, m = take("audio", j)
+            need_run("audio", k, j, m)
+            pos[:, j:j + m] = cur + np.arange(m)
+            cur, i = cur + m, j + m
+            continue
+        kind = "image" if tok == image_token_id else "video"
+        k, m = take(kind, j)
+        t, h, w = (int(x) for x in (images if kind == "image" else videos)[k])
+        gh, gw = h // merge, w // merge
+        t_ids = _image_t(t, pps) if kind == "image" else _video_t(t, secs[k], pps)
+        if kind == "image" or not use_audio_in_video:
+            need_run(kind, k, j, m)
+            pos[:, j:j + m] = _vision(cur, t_ids, gh, gw)
+            cur, i = int(pos[:, j:j + m].max()) + 1, j + m
+            continue
+        # video with its audio, interleaved chunk by chunk
+        if j - 2 < i or ids[j - 2] != vision_start_token_id or ids[j - 1] != audio_start_token_id:
+            raise ValueError(f"use_audio_in_video: video {k} at index {j} must follow <vision_start> "
+                             f"<audio_start> (ids {vision_start_token_id}, {audio_start_token_id}), found "
+                             f"{ids[max(j - 2, 0):j].tolist()}")
+        a, na = take("audio", j)
+        start = int(pos[0, j - 2]) + 1
+        pos[:, j - 1] = start - 1  # both start tokens share one id
+        video = _vision(start, t_ids, gh, gw)
+        audio = start + np.broadcast_to(np.arange(na), (3, na))
+        pieces, want = [], []
+        vc = _chunk_bounds(np.repeat(t_ids, gh * gw), per_chunk)
+        ac = _chunk_bounds(np.arange(na), per_chunk)
+        for c in range(max(len(vc), len(ac))):
+            for chunks, src, tid in ((vc, video, video_token_id), (ac, audio, audio_token_id)):
+                if c < len(chunks):
+                    pieces.append(src[:, chunks[c][0]:chunks[c][1]])
+                    want.append(np.full(chunks[c][1] - chunks[c][0], tid))
+        want = np.concatenate(want)
+        end = j + len(want)
+        if end + 2 > n or not np.array_equal(ids[j:end], want) or np.isin(
+                ids[end:end + 2], list(token.values())).any():
+            raise ValueError(
+                f"use_audio_in_video: video {k} {[t, h, w]} ({m} tokens) with audio {a} ({na} tokens) "
+                f"must be video/audio chunks of {[b - s for s, b in vc]} / {[b - s for s, b in ac]} tokens "
+                f"alternating from index {j}, then two end tokens; the document's tokens there differ")
+        pos[:, j:end] = np.concatenate(pieces, axis=1)
+        pos[:, end:end + 2] = int(pieces[-1].max()) + 1  # transformers: the last chunk's max, not the span's
+        cur, i = int(pieces[-1].max()) + 2, end + 2
+    delta = int(pos.max()) + 1 - n if n else 0
+    return pos, delta
+
+
+def _take_next(sizes: np.ndarray, taken: int, need: int, d: int, kind: str, what: str) -> int:
+    """How many of the items from ``taken`` on hold exactly ``need`` placeholder tokens."""
+    if need == 0:
+        return 0
+    cum = np.cumsum(sizes[taken:])
+    k = int(np.searchsorted(cum, need)) + 1
+    if k > len(cum) or cum[k - 1] != need:
+        raise ValueError(f"document {d}: {need} {kind} placeholder tokens do not match the next {what} "
+                         f"(cumulative tokens {cum.tolist()})")
+    return k
+
+
+def packed_tmrope_positions(input_ids, doc_lens: Sequence[int], image_grid_thw=None, video_grid_thw=None,
+                            audio_lengths=None, *, image_token_id: int, video_token_id: int,
+                            audio_token_id: int, vision_start_token_id: int, audio_start_token_id: int,
+                            spatial_merge_size: int = 2, position_id_per_seconds: float = 25,
+                            seconds_per_chunk: float = 2, second_per_grid_ts=None,
+                            use_audio_in_video: bool = False) -> tuple[np.ndarray, list[int]]:
+    """TMRoPE positions of a packed row: ``(positions int64 [3, S], delta per document)``.
+
+    Documents lie back to back from index 0 (``doc_lens`` tokens each); tokens after
+    ``sum(doc_lens)`` are padding and get 0. Grids, ``second_per_grid_ts`` and ``audio_lengths``
+    are the row's, in order of appearance: each document takes the next ones its placeholders
+    need and gets exactly the positions ``tmrope_positions`` gives it alone.
+    """
+    ids, merge = _ids(input_ids), int(spatial_merge_size)
+    lens = [int(n) for n in doc_lens]
+    if any(n < 0 for n in lens) or sum(lens) > len(ids):
+        raise ValueError(f"doc_lens {lens} (sum {sum(lens)}) do not fit a row of {len(ids)} tokens")
+    grids = {"image": _grids(image_grid_thw, "image_grid_thw", merge),
+             "video": _grids(video_grid_thw, "video_grid_thw", merge)}
+    secs = _floats(second_per_grid_ts, len(grids["video"]), "second_per_grid_ts", "videos in video_grid_thw")
+    raw, audio_toks = _audio_tokens(audio_lengths)
+    items = {"image": grids["image"], "video": grids["video"], "audio": raw}
+    sizes = {"image": grids["image"].prod(axis=1) // merge**2, "video": grids["video"].prod(axis=1) // merge**2,
+             "audio": audio_toks}
+    token = {"image": image_token_id, "video": video_token_id, "audio": audio_token_id}
+    what = {"image": "image grids", "video": "video grids", "audio": "audio_lengths"}
+    kw = {"image_token_id": image_token_id, "video_token_id": video_token_id, "audio_token_id": audio_token_id,
+          "vision_start_token_id": vision_start_token_id, "audio_start_token_id": audio_start_token_id,
+          "spatial_merge_size": merge, "position_id_per_seconds": position_id_per_seconds,
+          "seconds_per_chunk": seconds_per_chunk, "use_audio_in_video": use_audio_in_video}
+    taken = {"image": 0, "video": 0, "audio": 0}
+    pos, deltas, at = np.zeros((3, len(ids)), dtype=np.int64), [], 0
+    for d, n in enumerate(lens):
+        doc = ids[at:at + n]
+        mine = {}
+        for kind, tok in token.items():
+            k = _take_next(sizes[kind], taken[kind], int((doc == tok).sum()), d, kind,
+                           f"{what[kind]} {items[kind][taken[kind]:].tolist()}")
+            mine[kind] = (taken[kind], taken[kind] + k)
+            taken[kind] += k
+        (i0, i1), (v0, v1), (a0, a1) = mine["image"], mine["video"], mine["audio"]
+        pos[:, at:at + n], delta = tmrope_positions(
+            doc, grids["image"][i0:i1], grids["video"][v0:v1], raw[a0:a1],
+            second_per_grid_ts=secs[v0:v1], **kw)
+        deltas.append(delta)
+        at += n
+    for kind in token:
+        if taken[kind] != len(items[kind]):
+            raise ValueError(f"{len(items[kind])} {what[kind]} given but the documents' placeholders use "
+                             f"{taken[kind]}")
     return pos, deltas
