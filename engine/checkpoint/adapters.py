@@ -5,10 +5,10 @@ translated in one place.
 
 - `TextAdapter` (Llama, Qwen2, Qwen3, Qwen3-MoE): ours are Hugging Face's without `model.`
   and with `blocks.` for `layers.` (Qwen3-MoE's per-expert tensors are stacked by hf.py).
-- `Qwen2VLAdapter`: the backbone under `backbone.`, the vision tower under
-  `encoders.vision.`; reads the released naming (`model.layers.*`, `visual.*`) and
-  transformers 5's in-memory one (`model.language_model.*`, `model.visual.*`), writes the
-  naming it is given.
+- `Qwen2VLAdapter` (Qwen2-VL, Qwen2.5-VL: one per row of `qwen2_vl.FAMILIES`): the backbone
+  under `backbone.`, the vision tower under `encoders.<part>.` (`vision`, `qwen2_5_vision`);
+  reads the released naming (`model.layers.*`, `visual.*`) and transformers 5's in-memory one
+  (`model.language_model.*`, `model.visual.*`), writes the naming it is given.
 """
 
 from __future__ import annotations
@@ -49,21 +49,23 @@ class TextAdapter:
 
 
 class Qwen2VLAdapter:
-    architectures = (qwen2_vl.ARCHITECTURE,)
+    """A Qwen2-VL-family architecture's adapter (Qwen2-VL unless `architecture` names another)."""
 
-    def __init__(self, layout: str = "released"):
+    def __init__(self, layout: str = "released", architecture: str = qwen2_vl.ARCHITECTURE):
+        self.family = qwen2_vl.FAMILIES[architecture]
+        self.architectures = (architecture,)
         self.layout = layout
 
     def from_hf(self, name: str) -> Optional[str]:
-        return qwen2_vl.from_hf(name)
+        return self.family.from_hf(name)
 
     def to_hf(self, name: str) -> str:
-        return qwen2_vl.to_hf(name, self.layout)
+        return self.family.to_hf(name, self.layout)
 
 
 TEXT = TextAdapter()
 ADAPTERS: dict[str, StateDictAdapter] = {**{a: TEXT for a in TextAdapter.architectures},
-                                         qwen2_vl.ARCHITECTURE: Qwen2VLAdapter()}
+                                         **{a: Qwen2VLAdapter(architecture=a) for a in qwen2_vl.FAMILIES}}
 
 
 def adapter_for(architecture: str) -> StateDictAdapter:

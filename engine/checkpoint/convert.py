@@ -259,7 +259,7 @@ def export_hf(src: str | Path, out_dir: str | Path, config: Optional[str] = None
     if dtype not in DTYPES:
         raise HFCheckpointError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     run_cfg: Optional[Config] = load_config(config) if config else None
-    release = _qwen2_vl_release(src, run_cfg)
+    release = _vision_language_release(src, run_cfg)
     if release is not None:  # a whole released multimodal model: its own adapter and files
         from . import qwen2_vl
 
@@ -321,17 +321,18 @@ def export_hf(src: str | Path, out_dir: str | Path, config: Optional[str] = None
     return out
 
 
-def _qwen2_vl_release(src: Path, run_cfg: Optional[Config]) -> Optional[Path]:
-    """The released Qwen2-VL folder behind `src`: src itself, or the `model.init_from` of the
-    run that wrote the checkpoint (from --config, else the config saved in it)."""
+def _vision_language_release(src: Path, run_cfg: Optional[Config]) -> Optional[Path]:
+    """The released Qwen2-VL / Qwen2.5-VL folder behind `src`: src itself, or the
+    `model.init_from` of the run that wrote the checkpoint (from --config, else the config
+    saved in it)."""
     from . import qwen2_vl
 
-    if qwen2_vl.is_qwen2_vl(src):
+    if qwen2_vl.family_of(src):
         return src
     if not (src / ".metadata").is_file():
         return None
     cfg = run_cfg or DCPSource(src).saved_config()
     init_from = cfg.model.init_from if cfg is not None else None
-    if init_from and qwen2_vl.is_qwen2_vl(expand_path(init_from)):
+    if init_from and qwen2_vl.family_of(expand_path(init_from)):
         return expand_path(init_from)
     return None

@@ -41,6 +41,7 @@ from engine.models import build_backbone
 from engine.models.moe import Experts
 
 from .adapters import TEXT, TextAdapter
+from .qwen2_vl import FAMILIES
 from .manager import CheckpointError
 from engine.tensor_files import MissingShardError as MissingTensorShard
 from engine.tensor_files import TensorFileError, model_files
@@ -50,8 +51,8 @@ from .safetensors_io import TensorSpec, read_header
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = TextAdapter.architectures
-# Whole multimodal checkpoints (engine.load_pretrained only, for now; see qwen2_vl.py).
-MULTIMODAL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration",)
+# Whole multimodal checkpoints: load_pretrained, init_from and export through qwen2_vl.py.
+MULTIMODAL_ARCHITECTURES = tuple(FAMILIES)
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                 "Qwen3MoeForCausalLM": "qwen3_moe"}
 _ROPE_TYPES = ("default", "linear", "llama3")
@@ -535,14 +536,15 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> nn.Module:
     """A one-process model (`DenseTransformer`, or `MoETransformer` for Qwen3-MoE) with the weights
     of a Hugging Face (or imported) folder; `model(input_ids)` -> logits. A Qwen2-VL folder gives
-    our omni model behind transformers' keyword arguments (engine/checkpoint/qwen2_vl.py)."""
+    our omni model behind transformers' keyword arguments (engine/checkpoint/qwen2_vl.py);
+    so does a Qwen2.5-VL folder."""
     config = Path(path) / "config.json"
     if config.is_file():
         try:
             arch = (json.loads(config.read_text()).get("architectures") or [None])[0]
         except json.JSONDecodeError:
             raise HFCheckpointError(f"{config} is not valid JSON: re-save the model") from None
-        if arch == "Qwen2VLForConditionalGeneration":
+        if arch in MULTIMODAL_ARCHITECTURES:
             from . import qwen2_vl
 
             return qwen2_vl.load_pretrained(Path(path), dtype, device)

@@ -34,7 +34,7 @@ def initial_weights_(model: nn.Module, cfg: Config, device: torch.device, resumi
     materialize(model, device, cfg.train.seed)
     if resuming:
         return
-    if cfg.model.init_from and qwen2_vl.is_qwen2_vl(expand_path(cfg.model.init_from)):  # the whole omni model
+    if cfg.model.init_from and qwen2_vl.family_of(expand_path(cfg.model.init_from)):  # the whole omni model
         read = qwen2_vl.load_weights_(model, expand_path(cfg.model.init_from))
         log.info("whole model from init_from=%s: this rank read %.2f MB", cfg.model.init_from, read / 1e6)
     elif cfg.model.init_from:  # the backbone; each rank keeps its shards
@@ -46,12 +46,13 @@ def initial_weights_(model: nn.Module, cfg: Config, device: torch.device, resumi
 
 def compose_from_init_from(cfg: Config) -> Config:
     """The run config with the model a whole released checkpoint in `model.init_from`
-    describes (Qwen2-VL); other configs unchanged (their init_from is checked against them)."""
-    if not cfg.model.init_from or not qwen2_vl.is_qwen2_vl(expand_path(cfg.model.init_from)):
+    describes (Qwen2-VL, Qwen2.5-VL); other configs unchanged (their init_from is checked against them)."""
+    family = qwen2_vl.family_of(expand_path(cfg.model.init_from)) if cfg.model.init_from else None
+    if family is None:
         return cfg
     cfg = copy.deepcopy(cfg)
     cfg.model = qwen2_vl.compose_model_config(cfg.model)
-    log.info("model composed from %s/config.json: %s", cfg.model.init_from, qwen2_vl.ARCHITECTURE)
+    log.info("model composed from %s/config.json: %s", cfg.model.init_from, family.architecture)
     return cfg
 
 
