@@ -5,10 +5,16 @@ translated in one place.
 
 - `TextAdapter` (Llama, Qwen2, Qwen3, Qwen3-MoE): ours are Hugging Face's without `model.`
   and with `blocks.` for `layers.` (Qwen3-MoE's per-expert tensors are stacked by hf.py).
-- `Qwen2VLAdapter` (Qwen2-VL, Qwen2.5-VL: one per row of `qwen2_vl.FAMILIES`): the backbone
-  under `backbone.`, the vision tower under `encoders.<part>.` (`vision`, `qwen2_5_vision`);
-  reads the released naming (`model.layers.*`, `visual.*`) and transformers 5's in-memory one
-  (`model.language_model.*`, `model.visual.*`), writes the naming it is given.
+- `Qwen2VLAdapter` (Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni's thinker and whole model: one per row
+  of `qwen2_vl.FAMILIES`): the backbone under `backbone.`, the vision tower under
+  `encoders.<part>.` (`vision`, `qwen2_5_vision`), Qwen2.5-Omni's audio tower under
+  `encoders.qwen2_5_omni_audio.`; reads the released naming (`model.layers.*`, `visual.*`,
+  `audio_tower.*`) and transformers 5's in-memory one (`model.language_model.*`,
+  `model.visual.*`, `model.audio_tower.*`), writes the naming it is given; a whole
+  Qwen2.5-Omni's are under `thinker.` (its other tensors map to None: not ours).
+  Not one to one for Qwen2.5-Omni's vision tower: its separate `attn.q/k/v` tensors are one
+  of our `attn.qkv` (from_hf maps each of them to it; `hf_names` gives the three, in the
+  order they stack; `to_hf` raises for it).
 """
 
 from __future__ import annotations
@@ -61,6 +67,10 @@ class Qwen2VLAdapter:
 
     def to_hf(self, name: str) -> str:
         return self.family.to_hf(name, self.layout)
+
+    def hf_names(self, name: str) -> tuple[str, ...]:
+        """The checkpoint's tensors of one of our parameters, in the order they stack (dim 0)."""
+        return self.family.hf_names(name, self.layout)
 
 
 TEXT = TextAdapter()

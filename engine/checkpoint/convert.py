@@ -322,7 +322,7 @@ def export_hf(src: str | Path, out_dir: str | Path, config: Optional[str] = None
 
 
 def _vision_language_release(src: Path, run_cfg: Optional[Config]) -> Optional[Path]:
-    """The released Qwen2-VL / Qwen2.5-VL folder behind `src`: src itself, or the
+    """The released Qwen2-VL / Qwen2.5-VL / Qwen2.5-Omni folder behind `src`: src itself, or the
     `model.init_from` of the run that wrote the checkpoint (from --config, else the config
     saved in it)."""
     from . import qwen2_vl

@@ -51,7 +51,8 @@ from .safetensors_io import TensorSpec, read_header
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = TextAdapter.architectures
-# Whole multimodal checkpoints: load_pretrained, init_from and export through qwen2_vl.py.
+# Whole multimodal checkpoints (Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni's thinker and whole model):
+# load_pretrained, init_from and export through qwen2_vl.py.
 MULTIMODAL_ARCHITECTURES = tuple(FAMILIES)
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                 "Qwen3MoeForCausalLM": "qwen3_moe"}
@@ -537,7 +538,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32,
     """A one-process model (`DenseTransformer`, or `MoETransformer` for Qwen3-MoE) with the weights
     of a Hugging Face (or imported) folder; `model(input_ids)` -> logits. A Qwen2-VL folder gives
     our omni model behind transformers' keyword arguments (engine/checkpoint/qwen2_vl.py);
-    so does a Qwen2.5-VL folder."""
+    so does a Qwen2.5-VL folder, and a Qwen2.5-Omni thinker's or whole model's (its thinker:
+    engine/checkpoint/qwen2_5_omni.py)."""
     config = Path(path) / "config.json"
     if config.is_file():
         try:

@@ -46,7 +46,8 @@ def initial_weights_(model: nn.Module, cfg: Config, device: torch.device, resumi
 
 def compose_from_init_from(cfg: Config) -> Config:
     """The run config with the model a whole released checkpoint in `model.init_from`
-    describes (Qwen2-VL, Qwen2.5-VL); other configs unchanged (their init_from is checked against them)."""
+    describes (Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni's thinker or whole model: its thinker);
+    other configs unchanged (their init_from is checked against them)."""
     family = qwen2_vl.family_of(expand_path(cfg.model.init_from)) if cfg.model.init_from else None
     if family is None:
         return cfg
