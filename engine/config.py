@@ -45,11 +45,15 @@ class ModelConfig:
     """Per-head width; None = hidden_size // num_heads (Qwen3 sets it explicitly)."""
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None
+    """None, {type: linear, factor: F} or Llama 3's {type: llama3, factor, low_freq_factor,
+    high_freq_factor, original_max_position_embeddings}."""
     mrope_section: Optional[list[int]] = None
     """Multimodal RoPE (Qwen2-VL): rotary bands per position axis (temporal, height, width),
     summing to head_dim / 2; batches then carry [3, B, S] positions."""
-    """None, {type: linear, factor: F} or Llama 3's {type: llama3, factor, low_freq_factor,
-    high_freq_factor, original_max_position_embeddings}."""
+    seconds_per_chunk: Optional[float] = None
+    """Qwen2.5-Omni's time-aligned M-RoPE (TMRoPE): the data gives audio and video positions on
+    one clock (the vision part's tokens_per_second per second) in chunks of this many seconds;
+    None: Qwen2-VL's M-RoPE. Set from the checkpoint by model.init_from."""
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-6
     qk_norm: bool = False

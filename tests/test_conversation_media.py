@@ -416,3 +416,79 @@ def test_a_released_qwen2_vl_reads_media_conversations_with_transformers_logits(
                     pixel_values_videos=video["pixel_values"], video_grid_thw=video["grid_thw"]).logits
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max() < 1e-4
+
+
+OMNI_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<|vision_bos|><|IMAGE|><|vision_eos|>{% elif content['type'] == 'video' %}<|vision_bos|><|VIDEO|><|vision_eos|>"
+    "{% elif content['type'] == 'audio' %}<|audio_bos|><|AUDIO|><|audio_eos|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_released_qwen2_5_omni_thinker_reads_media_conversations_with_transformers_logits(folder, tmp_path):
+    """Image, clip and video (sampled at 1 fps: 1.5 s per temporal patch) through the data path into
+    a model loaded from a Qwen2.5-Omni thinker folder: the data's TMRoPE positions, payloads and
+    placeholders give the logits transformers' thinker gives for the same ids and media."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from engine.checkpoint.weights import compose_from_init_from
+    from engine.data import PromptEncoder, pack_rows
+    from test_qwen2_5_omni import AUDIO, AUDIO_START, tiny_thinker
+    from test_qwen2_vl import IMAGE, START, VIDEO
+
+    root, _ = folder
+    thinker = tmp_path / "thinker"
+    hf = tiny_thinker(thinker)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    words = [" ".join(f"word{(i * 7 + j) % 97}" for j in range(30)) for i in range(200)]
+    tok.train_from_iterator(words, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    specials = ["<|IMAGE|>", "<|VIDEO|>", "<|vision_bos|>", "<|vision_eos|>", "<|AUDIO|>", "<|audio_bos|>",
+                "<|audio_eos|>"]
+    tok.add_special_tokens(specials)
+    assert [tok.token_to_id(t) for t in specials] == [IMAGE, VIDEO, START, START + 1, AUDIO, AUDIO_START,
+                                                      AUDIO_START + 1]
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                            chat_template=OMNI_TEMPLATE).save_pretrained(thinker)
+    color = tmp_path / "color.png"
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (10, 14, 3), dtype=np.uint8)).save(color)
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, (np.random.default_rng(5).standard_normal(4300) * 3000).astype(np.int16), 16000)  # 26 frames
+    messages = [{"role": "user", "content": [{"type": "text", "text": "word1"}, {"type": "image", "image": str(color)},
+                                             {"type": "audio", "audio": str(clip)},
+                                             {"type": "video", "video": str(root / "media" / "vid1.mp4")}]},
+                {"role": "assistant", "content": "word2 word3"}]
+
+    cfg = _load(_config(root, {"<|image_pad|>": 0, "<|audio_pad|>": 0}), f"--model.init_from={thinker}",
+                f"--data.tokenizer={thinker}", "--data.min_pixels=16", "--data.max_pixels=256", "--data.video_fps=1")
+    cfg.model.encoders, cfg.model.decoders = [], []
+    cfg = compose_from_init_from(cfg)
+    assert cfg.model.seconds_per_chunk == 2
+    prompts = PromptEncoder(cfg)
+    sample = prompts.sample(messages, root, add_generation_prompt=False)
+    native, _, refs = encode_media_conversation(prompts.encoder.tokenizer, prompts.encoder.template, messages,
+                                                prompts.spec.media, root, "all")
+    video = next(r for r in refs if r["type"] == "video")
+    assert video["seconds_per_grid"] == 1.5 and video["grid"][0] == 2
+    omni = engine.load_pretrained(str(thinker)).omni
+    batch = pack_rows([[sample]], len(sample), 0, omni.ph, [], dict(omni.encoders))
+    with torch.no_grad():
+        ours = omni.text_logits(batch)
+
+    ids = torch.tensor([native])
+    vision = sample.payloads[next(n for n in sample.payloads if "vision" in n)]
+    audio = sample.payloads[next(n for n in sample.payloads if "audio" in n)][0]
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=torch.ones_like(ids),
+                    pixel_values=vision[0]["pixel_values"], image_grid_thw=vision[0]["grid_thw"],
+                    pixel_values_videos=vision[1]["pixel_values"], video_grid_thw=vision[1]["grid_thw"],
+                    video_second_per_grid=torch.tensor([video["seconds_per_grid"]]),
+                    input_features=audio["input_features"],
+                    feature_attention_mask=torch.ones(1, audio["input_features"].shape[2], dtype=torch.long)).logits
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() < 1e-4

@@ -273,6 +273,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> tuple[ModelConfig, 
         at = {k: root.get(k, v) for k, v in OMNI_DEFAULTS.items()}
         omni = dict(audio=ids["audio"], audio_part=fam.audio, vision_start=int(at["vision_start_token_id"]),
                     audio_start=int(at["audio_start_token_id"]), seconds_per_chunk=at["seconds_per_chunk"])
+        cfg.seconds_per_chunk = float(at["seconds_per_chunk"])
     cfg.mrope_section = [int(s) for s in section]
     half = (cfg.head_dim or cfg.hidden_size // cfg.num_heads) // 2
     if len(cfg.mrope_section) != 3 or sum(cfg.mrope_section) != half:
@@ -305,7 +306,8 @@ def _safetensors_files(folder: Path) -> list[Path]:
 # What the checkpoint's config.json decides; the run config keeps every other model key.
 ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "rope_theta", "rope_scaling", "max_position_embeddings", "rms_norm_eps", "qk_norm",
-                     "attention_bias", "tie_embeddings", "encoders", "decoders", "mrope_section", "backbone")
+                     "attention_bias", "tie_embeddings", "encoders", "decoders", "mrope_section", "seconds_per_chunk",
+                     "backbone")
 
 
 def compose_model_config(run: ModelConfig) -> ModelConfig:

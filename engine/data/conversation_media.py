@@ -61,6 +61,8 @@ class MediaPlan:
     audio: Optional[AudioRule] = None
     audio_tokens: tuple[int, ...] = ()            # tokens of a clip of f log-mel frames, f = 0..max_frames
     tokens_per_second: Optional[float] = None     # Qwen2.5-VL: video positions advance this much per second
+    seconds_per_chunk: Optional[float] = None     # Qwen2.5-Omni: TMRoPE (audio and video on one clock)
+    starts: tuple[tuple[str, int], ...] = ()      # ("vision" | "audio", the tokenizer's start token id)
 
     def part(self, kind: str) -> Optional[str]:
         return dict(self.parts).get(kind)
@@ -144,7 +146,13 @@ def media_plan(cfg, parts, tokenizer, folder: Optional[Path]) -> Optional[MediaP
                 native.append((kind, int(i)))
                 break
     placeholders = tuple((name, parts.placeholders[name]) for name in sorted({n for _, n in kinds}))
-    return MediaPlan(kinds, placeholders, tuple(native), vision, audio, audio_tokens, tokens_per_second)
+    starts = []
+    for kind, names in (("vision", ("<|vision_bos|>", "<|vision_start|>")), ("audio", ("<|audio_bos|>", "<|audio_start|>"))):
+        found = [vocab.token_to_id(t) for t in names if vocab is not None and vocab.token_to_id(t) is not None]
+        if found:
+            starts.append((kind, int(found[0])))
+    return MediaPlan(kinds, placeholders, tuple(native), vision, audio, audio_tokens, tokens_per_second,
+                     cfg.model.seconds_per_chunk, tuple(starts))
 
 
 # ---- the media of a conversation -------------------------------------------------------------
@@ -286,7 +294,9 @@ def model_ids(ids: np.ndarray, refs: list[dict], plan: Optional[MediaPlan], mrop
     """(ids with native media tokens replaced by their part's placeholder, M-RoPE positions
     [3, len] from the native tokens when `mrope`, else None) of one sample."""
     positions = None
-    if mrope:
+    if mrope and plan is not None and plan.seconds_per_chunk is not None:
+        positions = _tmrope(ids, refs, plan)
+    elif mrope:
         from .mrope import mrope_positions
 
         grids = {kind: [r["grid"] for r in refs if r["type"] == kind] or None for kind in ("image", "video")}
@@ -302,3 +312,22 @@ def model_ids(ids: np.ndarray, refs: list[dict], plan: Optional[MediaPlan], mrop
     if to_placeholder:
         ids = np.array([to_placeholder.get(t, t) for t in ids.tolist()], dtype=np.int64)
     return ids, positions
+
+
+def _tmrope(ids: np.ndarray, refs: list[dict], plan: MediaPlan) -> np.ndarray:
+    """Qwen2.5-Omni's TMRoPE positions [3, len] of one sample (audio inside a video file is not
+    read: each video is its frames, each clip its own item)."""
+    from .mrope import tmrope_positions
+
+    native = {kind: plan.native_id(kind) if plan.native_id(kind) is not None else -1 for kind in MEDIA_TYPES}
+    of = {kind: [r for r in refs if r["type"] == kind] for kind in MEDIA_TYPES}
+    starts = dict(plan.starts)
+    positions, _ = tmrope_positions(
+        ids, [r["grid"] for r in of["image"]] or None, [r["grid"] for r in of["video"]] or None,
+        [r["frames"] for r in of["audio"]] or None, image_token_id=native["image"], video_token_id=native["video"],
+        audio_token_id=native["audio"], vision_start_token_id=starts.get("vision", -1),
+        audio_start_token_id=starts.get("audio", -1),
+        spatial_merge_size=plan.vision.merge_size if plan.vision else 2,
+        position_id_per_seconds=plan.tokens_per_second or 25, seconds_per_chunk=plan.seconds_per_chunk,
+        second_per_grid_ts=[r["seconds_per_grid"] for r in of["video"]] or None)
+    return positions
