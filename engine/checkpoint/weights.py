@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from engine.config import Config, expand_path
+from engine.models.omni import OmniModel
 from engine.parallel import materialize
 from engine.parallel.init import load_full_state_
 
@@ -37,8 +38,9 @@ def initial_weights_(model: nn.Module, cfg: Config, device: torch.device, resumi
     if cfg.model.init_from and qwen2_vl.family_of(expand_path(cfg.model.init_from)):  # the whole omni model
         read = qwen2_vl.load_weights_(model, expand_path(cfg.model.init_from))
         log.info("whole model from init_from=%s: this rank read %.2f MB", cfg.model.init_from, read / 1e6)
-    elif cfg.model.init_from:  # the backbone; each rank keeps its shards
-        load_weights_(model, expand_path(cfg.model.init_from), expect=cfg.model)
+    elif cfg.model.init_from:  # the backbone (inside the omni model when it has parts); each rank keeps its shards
+        backbone = model.backbone if isinstance(model, OmniModel) else model
+        load_weights_(backbone, expand_path(cfg.model.init_from), expect=cfg.model)
     for spec in [*cfg.model.encoders, *cfg.model.decoders]:
         if spec.get("init_from"):
             load_part_weights_(model, spec["name"], spec["init_from"])

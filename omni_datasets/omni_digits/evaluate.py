@@ -291,7 +291,8 @@ def evaluate(output_dir: Path, checkpoint=None, config=None, limit=None, samples
         save_grid(grid, columns)
         result["grid"] = str(grid)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    (Path(out or output_dir) / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    folder = Path(out or output_dir)
+    (folder / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 

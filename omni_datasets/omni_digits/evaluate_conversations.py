@@ -82,5 +82,7 @@ def evaluate_conversations(output_dir: Path, heldout: Path, checkpoint=None, con
               "all": float(np.mean([x for v in scores.values() for x in v])) if scores else None,
               "skipped": skipped, "examples": examples,
               "seconds": round(time.perf_counter() - t0, 1)}
-    (Path(out or output_dir) / "eval_conversations.json").write_text(json.dumps(result, indent=1) + "\n")
+    folder = Path(out or output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "eval_conversations.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
