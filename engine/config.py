@@ -176,6 +176,12 @@ class DataConfig:
     """conversations with videos: frames sampled per second of video (Qwen2-VL's default)."""
     max_frames: int = 768
     """conversations with videos: at most this many frames sampled from one video."""
+    use_audio_in_video: bool = False
+    """conversations with videos, for a model with a vision and an audio part: each video file's
+    own audio track (if it has one) is read too, as Qwen2.5-Omni's processor does with
+    use_audio_in_video=True: an audio payload whose tokens interleave with the video's every
+    model.seconds_per_chunk (a Qwen2.5-Omni checkpoint and its media tokens) or else follow them.
+    A video without an audio stream is read alone. No effect without both parts."""
     num_workers: int = 0
     """Background processes that build (and decode the media of) the coming steps' batches;
     0 builds them in the training process."""

@@ -32,12 +32,12 @@ sf = pytest.importorskip("soundfile")
 pytest.importorskip("transformers")
 from PIL import Image
 
-from engine.config import load_config, parse_overrides
+from engine.config import ConfigError, load_config, parse_overrides
 from engine.data import build_train_data
 from engine.data.chat import ChatTemplate, load_chat_template, special_tokens
 from engine.data.errors import DataError
 from engine.data.conversation_media import MediaPlan, encode_media_conversation
-from engine.data.media import VisionRule
+from engine.data.media import AudioRule, VisionRule
 from engine.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -418,29 +418,37 @@ def test_a_released_qwen2_vl_reads_media_conversations_with_transformers_logits(
     assert (ours - theirs).abs().max() < 1e-4
 
 
-OMNI_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
-    "<|vision_bos|><|IMAGE|><|vision_eos|>{% elif content['type'] == 'video' %}<|vision_bos|><|VIDEO|><|vision_eos|>"
-    "{% elif content['type'] == 'audio' %}<|audio_bos|><|AUDIO|><|audio_eos|>{% elif 'text' in content %}"
-    "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Qwen2.5-Omni's own chat template (its processor's chat_template, as transformers' tests carry it)
+QWEN2_5_OMNI_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}{% set video_count = "
+    "namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in "
+    "message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_bos|><|IMAGE|><|vision_eos|>{% elif content['type'] == 'audio' or 'audio' in content or "
+    "'audio_url' in content %}{% set audio_count.value = audio_count.value + 1 %}{% if add_audio_id %}Audio "
+    "{{ audio_count.value }}: {% endif %}<|audio_bos|><|AUDIO|><|audio_eos|>{% elif content['type'] == 'video' or "
+    "'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "{{ video_count.value }}: {% endif %}<|vision_bos|><|VIDEO|><|vision_eos|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+OMNI_SPECIALS = {"image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "vision_bos_token": "<|vision_bos|>",
+                 "vision_eos_token": "<|vision_eos|>", "audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>",
+                 "audio_eos_token": "<|audio_eos|>"}
 
 
-def test_a_released_qwen2_5_omni_thinker_reads_media_conversations_with_transformers_logits(folder, tmp_path):
-    """Image, clip and video (sampled at 1 fps: 1.5 s per temporal patch) through the data path into
-    a model loaded from a Qwen2.5-Omni thinker folder: the data's TMRoPE positions, payloads and
-    placeholders give the logits transformers' thinker gives for the same ids and media."""
+@pytest.fixture(scope="module")
+def omni(tmp_path_factory):
+    """(transformers' tiny Qwen2.5-Omni thinker (tests/test_qwen2_5_omni.py: 4 time ids per second,
+    chunks of 2 s), its folder with a tokenizer of the media tokens and Qwen2.5-Omni's template)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from engine.checkpoint.weights import compose_from_init_from
-    from engine.data import PromptEncoder, pack_rows
     from test_qwen2_5_omni import AUDIO, AUDIO_START, tiny_thinker
     from test_qwen2_vl import IMAGE, START, VIDEO
 
-    root, _ = folder
-    thinker = tmp_path / "thinker"
+    thinker = tmp_path_factory.mktemp("thinker")
     hf = tiny_thinker(thinker)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
@@ -448,13 +456,58 @@ def test_a_released_qwen2_5_omni_thinker_reads_media_conversations_with_transfor
     tok.train_from_iterator(words, trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    specials = ["<|IMAGE|>", "<|VIDEO|>", "<|vision_bos|>", "<|vision_eos|>", "<|AUDIO|>", "<|audio_bos|>",
-                "<|audio_eos|>"]
+    specials = list(OMNI_SPECIALS.values())
     tok.add_special_tokens(specials)
     assert [tok.token_to_id(t) for t in specials] == [IMAGE, VIDEO, START, START + 1, AUDIO, AUDIO_START,
                                                       AUDIO_START + 1]
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                            chat_template=OMNI_TEMPLATE).save_pretrained(thinker)
+                            chat_template=QWEN2_5_OMNI_TEMPLATE, extra_special_tokens=OMNI_SPECIALS
+                            ).save_pretrained(thinker)
+    return hf, thinker
+
+
+def _omni_prompts(root: Path, thinker: Path, *overrides: str):
+    """The data path of a config whose model comes from the thinker folder alone."""
+    from engine.checkpoint.weights import compose_from_init_from
+    from engine.data import PromptEncoder
+
+    cfg = _load(_config(root, {"<|image_pad|>": 0, "<|audio_pad|>": 0}), f"--model.init_from={thinker}",
+                f"--data.tokenizer={thinker}", "--data.min_pixels=16", "--data.max_pixels=256", *overrides)
+    cfg.model.encoders, cfg.model.decoders = [], []
+    cfg = compose_from_init_from(cfg)
+    assert cfg.model.seconds_per_chunk == 2
+    return PromptEncoder(cfg)
+
+
+def _omni_logits(thinker: Path, sample):
+    """Our model loaded from the thinker folder on one packed sample."""
+    from engine.data import pack_rows
+
+    omni = engine.load_pretrained(str(thinker)).omni
+    batch = pack_rows([[sample]], len(sample), 0, omni.ph, [], dict(omni.encoders))
+    with torch.no_grad():
+        return omni.text_logits(batch)
+
+
+def _payloads(sample, kind: str) -> list:
+    return sample.payloads.get(next((n for n in sample.payloads if kind in n), ""), [])
+
+
+def _clip_features(clips: list) -> dict:
+    """The thinker's audio keywords for our clips: right-padded features and their frame masks."""
+    lens = torch.tensor([int(c["feature_lens"][0]) for c in clips])
+    features = torch.zeros(len(clips), clips[0]["input_features"].shape[1], int(lens.max()))
+    for k, c in enumerate(clips):
+        features[k, :, :lens[k]] = c["input_features"][0]
+    return {"input_features": features, "feature_attention_mask": (torch.arange(int(lens.max())) < lens[:, None]).long()}
+
+
+def test_a_released_qwen2_5_omni_thinker_reads_media_conversations_with_transformers_logits(folder, omni, tmp_path):
+    """Image, clip and video (sampled at 1 fps: 1.5 s per temporal patch) through the data path into
+    a model loaded from a Qwen2.5-Omni thinker folder: the data's TMRoPE positions, payloads and
+    placeholders give the logits transformers' thinker gives for the same ids and media."""
+    root, _ = folder
+    hf, thinker = omni
     color = tmp_path / "color.png"
     Image.fromarray(np.random.default_rng(4).integers(0, 256, (10, 14, 3), dtype=np.uint8)).save(color)
     clip = tmp_path / "clip.wav"
@@ -464,31 +517,184 @@ def test_a_released_qwen2_5_omni_thinker_reads_media_conversations_with_transfor
                                              {"type": "video", "video": str(root / "media" / "vid1.mp4")}]},
                 {"role": "assistant", "content": "word2 word3"}]
 
-    cfg = _load(_config(root, {"<|image_pad|>": 0, "<|audio_pad|>": 0}), f"--model.init_from={thinker}",
-                f"--data.tokenizer={thinker}", "--data.min_pixels=16", "--data.max_pixels=256", "--data.video_fps=1")
-    cfg.model.encoders, cfg.model.decoders = [], []
-    cfg = compose_from_init_from(cfg)
-    assert cfg.model.seconds_per_chunk == 2
-    prompts = PromptEncoder(cfg)
+    prompts = _omni_prompts(root, thinker, "--data.video_fps=1")
     sample = prompts.sample(messages, root, add_generation_prompt=False)
     native, _, refs = encode_media_conversation(prompts.encoder.tokenizer, prompts.encoder.template, messages,
                                                 prompts.spec.media, root, "all")
     video = next(r for r in refs if r["type"] == "video")
     assert video["seconds_per_grid"] == 1.5 and video["grid"][0] == 2
-    omni = engine.load_pretrained(str(thinker)).omni
-    batch = pack_rows([[sample]], len(sample), 0, omni.ph, [], dict(omni.encoders))
-    with torch.no_grad():
-        ours = omni.text_logits(batch)
+    ours = _omni_logits(thinker, sample)
 
     ids = torch.tensor([native])
-    vision = sample.payloads[next(n for n in sample.payloads if "vision" in n)]
-    audio = sample.payloads[next(n for n in sample.payloads if "audio" in n)][0]
+    vision = _payloads(sample, "vision")
+    hf.model.rope_deltas = None
     with torch.no_grad():
         theirs = hf(input_ids=ids, attention_mask=torch.ones_like(ids),
                     pixel_values=vision[0]["pixel_values"], image_grid_thw=vision[0]["grid_thw"],
                     pixel_values_videos=vision[1]["pixel_values"], video_grid_thw=vision[1]["grid_thw"],
                     video_second_per_grid=torch.tensor([video["seconds_per_grid"]]),
-                    input_features=audio["input_features"],
-                    feature_attention_mask=torch.ones(1, audio["input_features"].shape[2], dtype=torch.long)).logits
+                    **_clip_features(_payloads(sample, "audio"))).logits
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max() < 1e-4
+
+
+def _omni_processor(thinker: Path, videos: list):
+    """transformers' Qwen2_5OmniProcessor of the thinker folder's tokenizer, Qwen2-VL's PIL image
+    processor at the data's pixel bounds and a Whisper extractor. Its video processor needs
+    torchvision, absent here: a stand-in returns `videos` (our decoded videos' payloads, frames
+    sampled as tests/test_media.py checks against transformers' sampling)."""
+    from transformers import AutoTokenizer, Qwen2_5OmniProcessor, WhisperFeatureExtractor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    from test_qwen2_5_omni import MELS
+
+    class Videos(BaseVideoProcessor):
+        temporal_patch_size, merge_size = 2, 2
+
+        def __call__(self, given, **kwargs):
+            assert len(given) == len(videos)
+            return {"pixel_values_videos": torch.cat([v["pixel_values"] for v in videos]),
+                    "video_grid_thw": torch.cat([v["grid_thw"] for v in videos])}
+
+    class Processor(Qwen2_5OmniProcessor):
+        def check_argument_for_proper_class(self, name, argument):  # the stand-in is no registered class
+            return type(argument) if name == "video_processor" else super().check_argument_for_proper_class(
+                name, argument)
+
+    images = Qwen2VLImageProcessorPil(patch_size=2, merge_size=2, temporal_patch_size=2,
+                                      size={"shortest_edge": 16, "longest_edge": 256})
+    return Processor(image_processor=images, video_processor=Videos(), feature_extractor=WhisperFeatureExtractor(
+        feature_size=MELS), tokenizer=AutoTokenizer.from_pretrained(thinker))
+
+
+def _track(path: Path) -> np.ndarray:
+    """The 16 kHz mono waveform `load_video_audio` computes its features from."""
+    from engine.data import media
+
+    samples, rate, _ = media._video_audio_samples(path, AudioRule())
+    return media._mono_16k(path, samples, rate)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 on the processor's tensors
+def test_a_video_with_its_audio_reads_as_qwen2_5_omnis_processor_and_thinker(folder, omni, tmp_path):
+    """data.use_audio_in_video: an MP4 with frames and an AAC stereo track at 44.1 kHz, between a
+    clip before it and one after it, next to an image, through the data path: the ids equal
+    Qwen2_5OmniProcessor's with use_audio_in_video=True (5.24 names it load_audio_from_video: the
+    video and its audio alternating every 2 s of time ids), the TMRoPE positions equal the
+    thinker's get_rope_index, the audio part receives the clips and the track in the processor's
+    order, and the logits equal the thinker's. A silent video is read alone, as the processor
+    reads it (transformers' thinker: use_audio_in_video=False)."""
+    from test_media import write_video_with_audio
+    from test_qwen2_5_omni import AUDIO, SPC, PPS
+    from test_qwen2_vl import VIDEO
+
+    root, _ = folder
+    hf, thinker = omni
+    rng = np.random.default_rng(6)
+    color = tmp_path / "color.png"
+    Image.fromarray(rng.integers(0, 256, (10, 14, 3), dtype=np.uint8)).save(color)
+    clips = [tmp_path / "before.wav", tmp_path / "after.wav"]
+    for path, n in zip(clips, (3200, 4800)):  # 20 and 30 frames (whole hops: the processor's count is the same)
+        sf.write(path, (rng.standard_normal(n) * 3000).astype(np.int16), 16000)
+    talk = tmp_path / "talk.mp4"  # 8 frames at 2 fps, 4.0 s of audio: 400 frames, 100 tokens
+    t = np.arange(176400) / 44100
+    stereo = np.stack([0.3 * np.sin(2 * np.pi * 440 * t), 0.2 * np.sin(2 * np.pi * 660 * t)], -1)
+    write_video_with_audio(talk, 8, 2, stereo + 0.02 * rng.standard_normal(stereo.shape), 44100, "aac")
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "word1"}, {"type": "audio", "audio": str(clips[0])},
+        {"type": "image", "image": str(color)}, {"type": "video", "video": str(talk)},
+        {"type": "text", "text": "word4"}, {"type": "audio", "audio": str(clips[1])}]},
+        {"role": "assistant", "content": "word2 word3"}]
+
+    with pytest.raises(ConfigError, match="data.use_audio_in_video"):
+        _omni_prompts(root, thinker, "--data.use_audio_in_video=maybe")
+    prompts = _omni_prompts(root, thinker, "--data.use_audio_in_video=true")
+    assert prompts.spec.media.audio_in_video
+    native, _, refs = encode_media_conversation(prompts.encoder.tokenizer, prompts.encoder.template, messages,
+                                                prompts.spec.media, root, "all")
+    sample = prompts.sample(messages, root, add_generation_prompt=False)
+    video = next(r for r in refs if r["type"] == "video")
+    assert video["grid"][0] == 4 and video["seconds_per_grid"] == 1.0 and video["audio_frames"] == 400
+
+    processor = _omni_processor(thinker, [_payloads(sample, "vision")[1]])
+    text = processor.tokenizer.apply_chat_template(messages, tokenize=False)
+    waves = [sf.read(clips[0], dtype="float32")[0], _track(talk), sf.read(clips[1], dtype="float32")[0]]
+    hf_in = processor(text=[text], images=[str(color)], videos=[np.zeros((8, 16, 16, 3), np.uint8)], audio=waves,
+                      audio_from_video_indices=[None, 0, None], load_audio_from_video=True, position_id_per_seconds=PPS,
+                      seconds_per_chunk=float(SPC), videos_kwargs={"fps": 2.0}, return_tensors="pt")
+    ids = hf_in["input_ids"]
+    assert native == ids[0].tolist()
+    runs = [tok for k, tok in enumerate(native) if tok in (VIDEO, AUDIO) and native[k - 1] != tok]
+    assert runs == [AUDIO, VIDEO, AUDIO, VIDEO, AUDIO, AUDIO], "clip, then the video and its audio in 2 s chunks"
+
+    clip_lens = [int(c["feature_lens"][0]) for c in _payloads(sample, "audio")]
+    assert clip_lens == hf_in["feature_attention_mask"].sum(-1).tolist() == [20, 400, 30]
+    assert hf_in["video_second_per_grid"].tolist() == [video["seconds_per_grid"]]
+    hf.model.rope_deltas = None
+    want, _ = hf.model.get_rope_index(ids, hf_in["image_grid_thw"], hf_in["video_grid_thw"], torch.ones_like(ids),
+                                      True, hf_in["feature_attention_mask"].sum(-1), hf_in["video_second_per_grid"])
+    np.testing.assert_array_equal(sample.positions, want[:, 0].numpy())
+
+    ours = _omni_logits(thinker, sample)
+    vision = _payloads(sample, "vision")
+    hf.model.rope_deltas = None
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=torch.ones_like(ids), use_audio_in_video=True,
+                    pixel_values=vision[0]["pixel_values"], image_grid_thw=vision[0]["grid_thw"],
+                    pixel_values_videos=vision[1]["pixel_values"], video_grid_thw=vision[1]["grid_thw"],
+                    video_second_per_grid=hf_in["video_second_per_grid"],
+                    **_clip_features(_payloads(sample, "audio"))).logits
+    diff = float((ours - theirs).abs().max())
+    print(f"video with its audio: ids equal the processor's ({len(native)} tokens), max |logit diff| = {diff:.3g}")
+    assert ours.shape == theirs.shape and diff < 1e-4
+
+    silent = [{"role": "user", "content": [{"type": "video", "video": str(root / "media" / "vid1.mp4")},
+                                           {"type": "audio", "audio": str(clips[0])}]}]
+    native, _, refs = encode_media_conversation(prompts.encoder.tokenizer, prompts.encoder.template, silent,
+                                                prompts.spec.media, root, "all")
+    sample = prompts.sample(silent, root, add_generation_prompt=False)
+    assert "audio_frames" not in refs[0] and len(_payloads(sample, "audio")) == 1
+    processor = _omni_processor(thinker, [_payloads(sample, "vision")[0]])
+    hf_in = processor(text=[processor.tokenizer.apply_chat_template(silent, tokenize=False)],
+                      videos=[np.zeros((6, 16, 16, 3), np.uint8)], audio=waves[:1], audio_from_video_indices=[None],
+                      load_audio_from_video=True, position_id_per_seconds=PPS, seconds_per_chunk=float(SPC),
+                      videos_kwargs={"fps": 2.0}, return_tensors="pt")
+    assert native == hf_in["input_ids"][0].tolist()
+    want, _ = hf.model.get_rope_index(hf_in["input_ids"], None, torch.tensor([refs[0]["grid"]]),
+                                      torch.ones_like(hf_in["input_ids"]), False, torch.tensor([20]),
+                                      torch.tensor([refs[0]["seconds_per_grid"]]))
+    np.testing.assert_array_equal(sample.positions, want[:, 0].numpy())
+
+
+def test_a_video_with_its_audio_follows_it_without_an_omni_checkpoint(folder, tmp_path):
+    """data.use_audio_in_video with the data's own vision and audio parts (native Qwen2-VL pads, no
+    seconds_per_chunk): the video's tokens, then its audio's, and the audio part gets the track."""
+    from engine.data import PromptEncoder, pack_rows
+    from test_media import write_video_with_audio
+
+    root, ids = folder
+    talk = tmp_path / "talk.mp4"  # 1 s at 16 kHz: 100 frames, 12 tokens of the audio part
+    write_video_with_audio(talk, 4, 2, np.sin(np.arange(16000) / 7.0) * 0.3, 16000, "pcm_s16le")
+    messages = [{"role": "user", "content": [{"type": "video", "video": str(talk)}, {"type": "text", "text": "?"}]},
+                {"role": "assistant", "content": "seven"}]
+    prompts = PromptEncoder(_load(_config(root, ids), "--data.use_audio_in_video=true"))
+    native, mask, refs = encode_media_conversation(prompts.encoder.tokenizer, prompts.encoder.template, messages,
+                                                   prompts.spec.media, root)
+    n_video, n_audio = refs[0]["tokens"], prompts.spec.media.track_tokens(refs[0])
+    assert refs[0]["audio_frames"] == 100 and n_audio == 12
+    at = native.index(ids["<|video_pad|>"])
+    assert native[at:at + n_video + n_audio + 1] == [ids["<|video_pad|>"]] * n_video + [ids["<|audio_pad|>"]] * n_audio \
+        + [native[at + n_video + n_audio]] and native.count(ids["<|audio_pad|>"]) == n_audio
+    assert not any(mask[at:at + n_video + n_audio])
+    sample = prompts.sample(messages, root, add_generation_prompt=False)
+    assert [int(p["feature_lens"][0]) for p in sample.payloads["audio"]] == [100]
+    pack_rows([[sample]], len(sample), 0, dict(prompts.parts.placeholders), [], dict(prompts.parts.parts))  # counts
+    plain = PromptEncoder(_load(_config(root, ids)))
+    assert plain.spec.media.audio_in_video is False
+    assert len(plain.sample(messages, root, add_generation_prompt=False).payloads.get("audio", [])) == 0
+    from dataclasses import asdict
+
+    from engine.data.user_data import _with_defaults
+    made = json.loads(json.dumps(asdict(plain.spec.media)))  # a folder prepared before these plan fields existed
+    assert _with_defaults({k: v for k, v in made.items() if k not in ("ends", "audio_in_video")}) == made

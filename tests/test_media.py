@@ -426,6 +426,118 @@ def test_audio_matches_whisper(tmp_path, mel):
     print(f"audio (mel={mel}): max |ours - WhisperFeatureExtractor| = {max_diff:.3g}")
 
 
+# ------------------------------------------------------------------------------------ audio inside videos
+
+
+def write_video_with_audio(path, frames: int, fps: int, audio: np.ndarray, rate: int, codec: str = "aac",
+                           side: int = 16, seed: int = 0) -> None:
+    """`frames` noisy pictures at `fps` (H.264) and the track `audio` (float [samples] or [samples,
+    channels] in [-1, 1]) encoded with `codec` at `rate`, fed in 1024-sample frames of the codec's
+    own sample format."""
+    audio = audio.reshape(len(audio), -1)
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width = video.height = side
+        video.pix_fmt = "yuv420p"
+        track = container.add_stream(codec, rate=rate)
+        track.layout = "mono" if audio.shape[1] == 1 else "stereo"
+        for k in range(frames):
+            frame = np.random.default_rng(seed + k).integers(0, 256, (side, side, 3), dtype=np.uint8)
+            for packet in video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        fmt = track.codec_context.codec.audio_formats[0]
+        for at in range(0, len(audio), 1024):
+            chunk = audio[at:at + 1024]
+            chunk = (chunk * 32767).astype(np.int16) if fmt.name.startswith("s16") else chunk.astype(np.float32)
+            chunk = np.ascontiguousarray(chunk.T if fmt.is_planar else chunk.reshape(1, -1))
+            frame = av.AudioFrame.from_ndarray(chunk, format=fmt.name, layout=track.layout.name)
+            frame.sample_rate, frame.pts = rate, at
+            for packet in track.encode(frame):
+                container.mux(packet)
+        for packet in track.encode():
+            container.mux(packet)
+
+
+def _decoded_track(path) -> tuple[np.ndarray, int]:
+    """All samples of the first audio stream as PyAV decodes them (float32 [n, channels]), its rate."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        chunks = []
+        for frame in container.decode(stream):
+            x = frame.to_ndarray()
+            x = x.T if frame.format.is_planar else x.reshape(-1, frame.layout.nb_channels)
+            chunks.append(x / np.float32(32768) if x.dtype == np.int16 else x)
+        return np.concatenate(chunks).astype(np.float32), stream.sample_rate
+
+
+def _header_samples(path) -> tuple[int, bool]:
+    """(samples of the track by its header: the stream's own duration, else its DURATION tag; the
+    stream's own)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        if stream.duration:
+            return int(stream.duration * stream.time_base * stream.sample_rate + 0.5), True
+        h, m, sec = stream.metadata["DURATION"].split(":")
+        return int((int(h) * 3600 + int(m) * 60 + float(sec)) * stream.sample_rate + 0.5), False
+
+
+# (file, codec, rate, channels, samples written)
+AUDIO_TRACKS = [("aac_44k_stereo.mp4", "aac", 44100, 2, 30000), ("aac_16k.mp4", "aac", 16000, 1, 23456),
+                ("pcm_16k.mov", "pcm_s16le", 16000, 1, 23456), ("pcm_48k_stereo.mp4", "pcm_s16le", 48000, 2, 40000),
+                ("aac_22k.mkv", "aac", 22050, 1, 30000), ("opus_48k.mkv", "libopus", 48000, 1, 30000)]
+
+
+def test_audio_inside_videos_matches_whisper(tmp_path):
+    """A video's own track: the header's count (stream duration x rate, or the Matroska DURATION
+    tag's) equals what `load_video_audio` decodes, and its features are Whisper's of that many
+    PyAV-decoded samples (encoder padding cut, a short estimate padded with silence), mixed to mono
+    and resampled as `load_audio` does."""
+    extractor, rule = WhisperFeatureExtractor(feature_size=80), AudioRule()
+    max_diff = 0.0
+    for i, (name, codec, rate, channels, n) in enumerate(AUDIO_TRACKS):
+        path = tmp_path / name
+        write_video_with_audio(path, 3, 2, _tone(n, rate, channels, seed=i) * 0.8, rate, codec)
+        decoded, read_rate = _decoded_track(path)
+        count, own = _header_samples(path)
+        assert read_rate == rate
+        if codec.startswith("pcm"):
+            assert count == n == len(decoded), name  # PCM: the header is the decode, exactly
+        elif own:  # MP4: the edit list's duration (to the ms); the decode adds the last AAC frame's padding
+            assert abs(count - n) <= rate // 1000 and count <= len(decoded) < count + 1024 + rate // 1000, name
+        fitted = np.concatenate([decoded[:count], np.zeros((max(0, count - len(decoded)), channels), np.float32)])
+        mono = fitted.mean(axis=1) if channels > 1 else fitted[:, 0]
+        if rate != 16000:
+            mono = soxr.resample(mono, rate, 16000, quality="HQ")
+        ref = extractor(mono, sampling_rate=16000, padding="longest", truncation=False,
+                        return_tensors="np").input_features[0]
+        frames = media.video_audio_frames(path, rule)
+        ours = media.load_video_audio(path, rule)
+        assert frames == media._resampled_length(count, rate) // 160 == ref.shape[1], name
+        assert ours["input_features"].shape == (1, 80, frames) and ours["feature_lens"].tolist() == [frames], name
+        samples, _, _ = media._video_audio_samples(path, rule)
+        assert np.array_equal(samples, fitted), name
+        max_diff = max(max_diff, float(np.abs(ours["input_features"][0].numpy() - ref).max()))
+    assert max_diff <= 1e-4, max_diff
+    print(f"audio in videos: max |ours - WhisperFeatureExtractor| = {max_diff:.3g}")
+
+
+def test_audio_inside_videos_silent_and_bad(tmp_path):
+    silent = tmp_path / "silent.mp4"
+    _write_video(silent, 4, 2)
+    assert media.video_audio_frames(silent) is None and media.load_video_audio(silent) is None
+    one_second = tmp_path / "one_second.mp4"
+    write_video_with_audio(one_second, 2, 2, _tone(16000, 16000), 16000, "pcm_s16le")
+    assert media.video_audio_frames(one_second) == 100
+    tiny = tmp_path / "tiny.mp4"
+    write_video_with_audio(tiny, 2, 2, _tone(150, 16000), 16000, "pcm_s16le")
+    for fn in (media.video_audio_frames, media.load_video_audio):
+        _assert_media_error("missing", tmp_path / "nope.mp4", fn)
+        _assert_media_error("too_long", one_second, fn, AudioRule(max_frames=50))
+        _assert_media_error("too_short", tiny, fn)
+
+
 # ------------------------------------------------------------------------------------ bad media
 
 

@@ -167,6 +167,26 @@ def test_audio_in_video_small_chunks_with_images_and_audio():
           use_audio_in_video=True)
 
 
+def test_one_flag_per_video():
+    """use_audio_in_video per video (a silent video next to one with its audio): each part of the
+    document equals transformers on that part alone, shifted to where it starts."""
+    m = thinker(4, 2)
+    first = [5] + video_with_audio([4, 4, 4], 40, 1.0, 4, 2) + [6]
+    second = [7] + video([2, 4, 2]) + [8] + audio(30)
+    pos, delta = ours(m, first + second, videos=[[4, 4, 4], [2, 4, 2]], audios=[40, 30], secs=[1.0, 1.5],
+                      use_audio_in_video=[True, False])
+    want_first, _ = hf_rope_index(m, [first], videos=[[4, 4, 4]], audios=[40], secs=[1.0], use_audio_in_video=True)
+    want_second, _ = hf_rope_index(m, [second], videos=[[2, 4, 2]], audios=[30], secs=[1.5])
+    np.testing.assert_array_equal(pos[:, :len(first)], want_first[:, 0])
+    np.testing.assert_array_equal(pos[:, len(first):], want_second[:, 0] + want_first[0, 0, -1] + 1)  # after [6]
+    assert delta == int(pos.max()) + 1 - len(pos[0])
+    same, _ = ours(m, first, videos=[[4, 4, 4]], audios=[40], secs=[1.0], use_audio_in_video=[True])
+    np.testing.assert_array_equal(same, want_first[:, 0])
+    with pytest.raises(ValueError, match="1 use_audio_in_video flags but 2 videos"):
+        ours(m, first + second, videos=[[4, 4, 4], [2, 4, 2]], audios=[40, 30], secs=[1.0, 1.5],
+             use_audio_in_video=[True])
+
+
 def test_matches_transformers_random():
     rng = np.random.default_rng(0)
     for doc in range(20):

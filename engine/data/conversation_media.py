@@ -21,6 +21,21 @@ How a payload's tokens enter the ids, as the checkpoint's processor does it:
   the rendering is tokenised around the sentinels, and each sentinel becomes that many of the
   part's placeholder id (the last vocabulary ids, `engine.models.omni.placeholder_ids`).
 
+**Audio inside videos** (``data.use_audio_in_video: true``, for a model with a part that reads
+videos and one that reads audio; no effect otherwise): a video whose file has an audio stream
+also gives that track as an audio payload (`engine.data.media.load_video_audio`), counted from
+the container's header like a clip. For a Qwen2.5-Omni checkpoint (``model.seconds_per_chunk``
+set, native tokens) its ``<|VIDEO|>`` becomes what ``Qwen2_5OmniProcessor(use_audio_in_video=True)``
+writes: ``<|audio_bos|>``, the video's and its audio's tokens alternating chunk by chunk
+(``seconds_per_chunk`` of time ids at ``position_id_per_seconds``: `_video_with_audio`),
+``<|audio_eos|>``, inside the template's ``<|vision_bos|> ... <|vision_eos|>``, and TMRoPE
+interleaves their positions (`engine.data.mrope.tmrope_positions`). Other models get the video's
+tokens followed by its audio's (native tokens or the parts' placeholders). The audio part
+receives the track in order of appearance among the clips (where the video stands), as the
+processor orders it and the thinker consumes it. A video without an audio stream is read alone,
+as the processor skips a silent video's audio (transformers' thinker takes one
+``use_audio_in_video`` for all videos; here each video has its own).
+
 Token counts come from file headers (image size, audio length, video frame count and rate):
 `media_refs_for` never decodes pixels or samples, so the length index of a data set is cheap.
 Placeholder tokens are never targets.
@@ -37,9 +52,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from engine.config import ConfigError
+
 from .chat import ConversationError, MEDIA_TYPES, encode_conversation
 from .media import AudioRule, MediaError, VisionRule, audio_frames, image_grid, load_audio, load_image, load_video, \
-    video_timing
+    load_video_audio, video_audio_frames, video_timing
 
 __all__ = ["MEDIA_TYPES", "MediaPlan", "conversation_media", "encode_media_conversation", "load_payloads",
            "media_plan", "model_ids"]
@@ -63,6 +80,8 @@ class MediaPlan:
     tokens_per_second: Optional[float] = None     # Qwen2.5-VL: video positions advance this much per second
     seconds_per_chunk: Optional[float] = None     # Qwen2.5-Omni: TMRoPE (audio and video on one clock)
     starts: tuple[tuple[str, int], ...] = ()      # ("vision" | "audio", the tokenizer's start token id)
+    ends: tuple[tuple[str, int], ...] = ()        # ("vision" | "audio", end token id), with audio_in_video
+    audio_in_video: bool = False                  # data.use_audio_in_video with a video and an audio part
 
     def part(self, kind: str) -> Optional[str]:
         return dict(self.parts).get(kind)
@@ -78,6 +97,10 @@ class MediaPlan:
             return self.audio_tokens[ref["frames"]]
         t, h, w = ref["grid"]
         return t * h * w // self.vision.merge_size ** 2
+
+    def track_tokens(self, ref: dict) -> int:
+        """Audio tokens of a video's own track (0 for anything else)."""
+        return self.audio_tokens[ref["audio_frames"]] if ref.get("audio_frames") is not None else 0
 
     def id_to_placeholder(self) -> dict[int, int]:
         """Native media token id -> the placeholder id of the part that reads it."""
@@ -146,13 +169,28 @@ def media_plan(cfg, parts, tokenizer, folder: Optional[Path]) -> Optional[MediaP
                 native.append((kind, int(i)))
                 break
     placeholders = tuple((name, parts.placeholders[name]) for name in sorted({n for _, n in kinds}))
-    starts = []
-    for kind, names in (("vision", ("<|vision_bos|>", "<|vision_start|>")), ("audio", ("<|audio_bos|>", "<|audio_start|>"))):
+    starts, ends = [], []
+    for kind, names, out in (("vision", ("<|vision_bos|>", "<|vision_start|>"), starts),
+                             ("audio", ("<|audio_bos|>", "<|audio_start|>"), starts),
+                             ("vision", ("<|vision_eos|>", "<|vision_end|>"), ends),
+                             ("audio", ("<|audio_eos|>", "<|audio_end|>"), ends)):
         found = [vocab.token_to_id(t) for t in names if vocab is not None and vocab.token_to_id(t) is not None]
         if found:
-            starts.append((kind, int(found[0])))
+            out.append((kind, int(found[0])))
+    in_video = bool(d.use_audio_in_video) and "video" in reader and "audio" in reader
+    ends = ends if in_video else []  # only read with audio in videos (and then part of the fingerprint)
+    native_ids = dict(native)
+    if in_video and cfg.model.seconds_per_chunk is not None and "video" in native_ids and "audio" in native_ids:
+        missing = [what for what, ok in (("the vision part's tokens_per_second", tokens_per_second is not None),
+                                         ("an audio start token", "audio" in dict(starts)),
+                                         ("an audio end token", "audio" in dict(ends))) if not ok]
+        if missing:
+            raise ConfigError(f"config key 'data.use_audio_in_video'=true with model.seconds_per_chunk interleaves "
+                              f"each video with its audio as Qwen2.5-Omni's processor does, which needs "
+                              f"{', '.join(missing)}: use a Qwen2.5-Omni checkpoint (model.init_from) and its "
+                              "tokenizer, or set data.use_audio_in_video=false")
     return MediaPlan(kinds, placeholders, tuple(native), vision, audio, audio_tokens, tokens_per_second,
-                     cfg.model.seconds_per_chunk, tuple(starts))
+                     cfg.model.seconds_per_chunk, tuple(starts), tuple(ends), in_video)
 
 
 # ---- the media of a conversation -------------------------------------------------------------
@@ -169,8 +207,10 @@ def _media_parts(messages) -> list[tuple[int, str, object]]:
 
 def conversation_media(messages, plan: Optional[MediaPlan], base_dir: Path) -> list[dict]:
     """The media refs of a conversation from file headers: ``{"type", "path", "grid" | "frames",
-    "tokens"}`` in order of appearance. Raises ConversationError (a media part no part of the
-    model reads, a part without a file name) or MediaError (missing, unreadable, unsupported)."""
+    "tokens"}`` in order of appearance (a video also ``"seconds_per_grid"``, and ``"audio_frames"``
+    when the plan reads audio in videos and its file has an audio stream). Raises
+    ConversationError (a media part no part of the model reads, a part without a file name) or
+    MediaError (missing, unreadable, unsupported)."""
     refs = []
     for i, kind, file in _media_parts(messages):
         if plan is None or plan.part(kind) is None:
@@ -192,6 +232,10 @@ def conversation_media(messages, plan: Optional[MediaPlan], base_dir: Path) -> l
         else:
             grid, seconds = video_timing(path, plan.vision)
             ref["grid"], ref["seconds_per_grid"] = list(grid), seconds
+            if plan.audio_in_video:
+                track = video_audio_frames(path, plan.audio)
+                if track is not None:
+                    ref["audio_frames"] = track
         ref["tokens"] = plan.tokens(ref)
         refs.append(ref)
     return refs
@@ -226,7 +270,8 @@ def encode_media_conversation(tokenizer, template, messages, plan: Optional[Medi
                                         add_generation_prompt=add_generation_prompt)
         return ids, mask, []
     kinds = [r["type"] for r in refs]
-    if all(plan.native_id(k) is not None for k in kinds):
+    tracks = any(r.get("audio_frames") is not None for r in refs)  # videos with their audio
+    if all(plan.native_id(k) is not None for k in kinds + (["audio"] if tracks else [])):
         ids, mask = encode_conversation(tokenizer, template, messages, train_on, tools, media=True,
                                         add_generation_prompt=add_generation_prompt)
         kind_of = {plan.native_id(k): k for k in MEDIA_TYPES if plan.native_id(k) is not None}
@@ -237,7 +282,16 @@ def encode_media_conversation(tokenizer, template, messages, plan: Optional[Medi
                                                 "part as the checkpoint's media token")
         out_ids, out_mask, k = [], [], 0
         for t, m in zip(ids, mask):
-            if t in kind_of:
+            if t in kind_of and refs[k].get("audio_frames") is not None and plan.seconds_per_chunk is not None:
+                run = _video_with_audio(refs[k], plan)  # the bounds are text tokens, as the template's
+                out_ids += run
+                out_mask += [m] + [False] * (len(run) - 2) + [m]
+                k += 1
+            elif t in kind_of and refs[k].get("audio_frames") is not None:  # the video's tokens, then its audio's
+                out_ids += [t] * refs[k]["tokens"] + [plan.native_id("audio")] * plan.track_tokens(refs[k])
+                out_mask += [False] * (refs[k]["tokens"] + plan.track_tokens(refs[k]))
+                k += 1
+            elif t in kind_of:
                 out_ids += [t] * refs[k]["tokens"]
                 out_mask += [False] * refs[k]["tokens"]
                 k += 1
@@ -255,23 +309,27 @@ def encode_media_conversation(tokenizer, template, messages, plan: Optional[Medi
             offsets += [(at + s, at + e) for s, e in seg_offsets]
             if match:
                 ref = refs[int(match.group(1))]
-                ids += [plan.placeholder(ref["type"])] * ref["tokens"]
-                offsets += [(match.start(), match.start())] * ref["tokens"]
+                run = [plan.placeholder(ref["type"])] * ref["tokens"]
+                if plan.track_tokens(ref):  # a video's own audio after it
+                    run += [plan.placeholder("audio")] * plan.track_tokens(ref)
+                ids += run
+                offsets += [(match.start(), match.start())] * len(run)
                 at = match.end()
         return ids, offsets
 
     ids, mask = encode_conversation(tokenizer, template, _sentinel_messages(messages), train_on, tools,
                                     encode=encode, add_generation_prompt=add_generation_prompt)
-    placeholders = {plan.placeholder(k) for k in kinds}
-    if sum(t in placeholders for t in ids) != sum(r["tokens"] for r in refs):
+    placeholders = {plan.placeholder(k) for k in kinds + (["audio"] if tracks else [])}
+    if sum(t in placeholders for t in ids) != sum(r["tokens"] + plan.track_tokens(r) for r in refs):
         raise ConversationError("template", "the chat template drops some of the messages' media parts: use a "
                                             "template that renders every message's content")
     return ids, [m and t not in placeholders for t, m in zip(ids, mask)], refs
 
 
 def load_payloads(refs: list[dict], plan: MediaPlan) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """Decode the media of a sample: part name -> payloads in placeholder order. Raises
-    MediaError, also when a file no longer gives the tokens counted when the data was prepared."""
+    """Decode the media of a sample: part name -> payloads in placeholder order (a video's own
+    audio right after it among the clips). Raises MediaError, also when a file no longer gives
+    the tokens counted when the data was prepared."""
     out: dict[str, list] = {}
     for ref in refs:
         kind, path = ref["type"], ref["path"]
@@ -281,11 +339,17 @@ def load_payloads(refs: list[dict], plan: MediaPlan) -> dict[str, list[dict[str,
         else:
             payload = (load_image if kind == "image" else load_video)(path, plan.vision)
             found = {"grid": payload["grid_thw"][0].tolist()}
+        track = None
+        if ref.get("audio_frames") is not None:
+            track = load_video_audio(path, plan.audio)
+            found["audio_frames"] = None if track is None else int(track["feature_lens"][0])
         expected = {k: ref[k] for k in found}
         if found != expected:
             raise MediaError("changed", f"{path}: the {kind} gives {found} but the prepared data counted {expected}; "
                                         "the file changed since: prepare the data again")
         out.setdefault(plan.part(kind), []).append(payload)
+        if track is not None:
+            out.setdefault(plan.part("audio"), []).append(track)
     return out
 
 
@@ -314,20 +378,45 @@ def model_ids(ids: np.ndarray, refs: list[dict], plan: Optional[MediaPlan], mrop
     return ids, positions
 
 
+def _video_with_audio(ref: dict, plan: MediaPlan) -> list[int]:
+    """The native ids ``Qwen2_5OmniProcessor.replace_video_with_audio_token`` puts in place of a
+    video's ``<|VIDEO|>`` with ``use_audio_in_video=True``: the audio start token, then chunk by
+    chunk the video's tokens whose time id ``t * seconds_per_grid * position_id_per_seconds``
+    (float64, as the processor computes it) falls in the chunk and the audio's tokens whose index
+    does, chunks of ``int(position_id_per_seconds * seconds_per_chunk)`` ids, then the audio end."""
+    from .mrope import chunked_index
+
+    t, h, w = ref["grid"]
+    merge, pps = plan.vision.merge_size, plan.tokens_per_second
+    times = np.repeat(np.arange(t) * ref["seconds_per_grid"] * pps, (h // merge) * (w // merge))
+    per_chunk = int(pps * plan.seconds_per_chunk)
+    video_chunks = chunked_index(times, per_chunk)
+    audio_chunks = chunked_index(np.arange(plan.track_tokens(ref)), per_chunk)
+    run = [dict(plan.starts)["audio"]]
+    for j in range(max(len(video_chunks), len(audio_chunks))):
+        for chunks, kind in ((video_chunks, "video"), (audio_chunks, "audio")):
+            if j < len(chunks):
+                run += [plan.native_id(kind)] * (chunks[j][1] - chunks[j][0])
+    return run + [dict(plan.ends)["audio"]]
+
+
 def _tmrope(ids: np.ndarray, refs: list[dict], plan: MediaPlan) -> np.ndarray:
-    """Qwen2.5-Omni's TMRoPE positions [3, len] of one sample (audio inside a video file is not
-    read: each video is its frames, each clip its own item)."""
+    """Qwen2.5-Omni's TMRoPE positions [3, len] of one sample: each clip its own item; a video
+    with its own audio (``audio_frames``) interleaved with it, the others alone."""
     from .mrope import tmrope_positions
 
     native = {kind: plan.native_id(kind) if plan.native_id(kind) is not None else -1 for kind in MEDIA_TYPES}
     of = {kind: [r for r in refs if r["type"] == kind] for kind in MEDIA_TYPES}
+    audio = [r["frames"] if r["type"] == "audio" else r["audio_frames"] for r in refs
+             if r["type"] == "audio" or r.get("audio_frames") is not None]   # in order of appearance
     starts = dict(plan.starts)
     positions, _ = tmrope_positions(
         ids, [r["grid"] for r in of["image"]] or None, [r["grid"] for r in of["video"]] or None,
-        [r["frames"] for r in of["audio"]] or None, image_token_id=native["image"], video_token_id=native["video"],
+        audio or None, image_token_id=native["image"], video_token_id=native["video"],
         audio_token_id=native["audio"], vision_start_token_id=starts.get("vision", -1),
         audio_start_token_id=starts.get("audio", -1),
         spatial_merge_size=plan.vision.merge_size if plan.vision else 2,
         position_id_per_seconds=plan.tokens_per_second or 25, seconds_per_chunk=plan.seconds_per_chunk,
-        second_per_grid_ts=[r["seconds_per_grid"] for r in of["video"]] or None)
+        second_per_grid_ts=[r["seconds_per_grid"] for r in of["video"]] or None,
+        use_audio_in_video=[r.get("audio_frames") is not None for r in of["video"]])
     return positions

@@ -70,6 +70,22 @@ frames, equal to ``WhisperFeatureExtractor`` on the unpadded waveform). `audio_f
 that count from ``soundfile.info``'s frame count and sample rate alone; `load_audio` checks the
 decoded sample count against the header (a mismatch is "corrupt"), and non-finite samples are
 "corrupt".
+
+Audio inside videos (`video_audio_frames`, `load_video_audio`; read under
+``data.use_audio_in_video``, as Qwen2.5-Omni's processor reads a video's own track with
+``use_audio_in_video=True``) is the container's first audio stream, decoded with PyAV and converted
+to float32 as soundfile reads PCM (integers scaled by 1 / 2^(bits - 1), unsigned 8-bit centred),
+then the audio path above from the mix-down on (mono mean, soxr "HQ" to 16 kHz, log-mel: the same
+code as `load_audio`). Its length comes from the header: ``floor(seconds * rate + 0.5)`` samples,
+``seconds`` the audio stream's own duration (MP4 / MOV: its edit list's, exact to the millisecond),
+else its Matroska ``DURATION`` tag, else the container's (`_stream_seconds`), ``rate`` the stream's
+sample rate; frames and the missing / too_short / too_long / empty_audio rules are then those of
+`audio_frames`. The decoded track is fitted to that count: samples past it are dropped (encoder
+padding, such as the rest of AAC's last 1024-sample frame), and a track that ends before it is
+padded with silence, unless the count is the stream's own duration and the track ends more than
+0.1 s early ("corrupt"). A video file without an audio stream gives None: the video is read alone,
+as transformers' processor skips a silent video's audio. Transformers itself decodes the track with
+torchcodec (FFmpeg's resampler and down-mix); the samples here follow the soundfile path instead.
 """
 
 from __future__ import annotations
@@ -78,8 +94,9 @@ import functools
 import math
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -89,7 +106,8 @@ from engine.modalities.audio import HOP_LENGTH, N_FFT, SAMPLE_RATE, log_mel
 from engine.modalities.vision import patchify
 
 __all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "REASONS", "AudioRule", "MediaError", "VisionRule", "audio_frames",
-           "image_grid", "load_audio", "load_image", "load_video", "smart_resize", "video_grid"]
+           "image_grid", "load_audio", "load_image", "load_video", "load_video_audio", "smart_resize",
+           "video_audio_frames", "video_grid", "video_timing"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -471,7 +489,7 @@ def _video_header(path: PathLike, container) -> tuple[object, _VideoHeader]:
 
 
 def _stream_seconds(stream, container) -> float | None:
-    """The video stream's duration in seconds: its own (``duration * time_base``), else the
+    """A stream's duration in seconds: its own (``duration * time_base``), else the
     ``DURATION`` tag FFmpeg's Matroska / WebM muxer writes per stream ("HH:MM:SS.fffffffff"),
     else the container's (which spans all its streams); None when none is known."""
     if stream.duration and stream.time_base:
@@ -604,7 +622,7 @@ def _resampled_length(samples: int, rate: int) -> int:
 def _check_audio(path: PathLike, samples: int, rate: int, rule: AudioRule) -> int:
     """Log-mel frames of a clip of `samples` samples at `rate` Hz, or the MediaError it earns."""
     if samples <= 0:
-        raise _error("empty_audio", path, "audio file has no samples", _FIX["empty_audio"])
+        raise _error("empty_audio", path, "the audio has no samples", _FIX["empty_audio"])
     if rate <= 0:
         raise _error("corrupt", path, f"sample rate {rate} Hz in the audio header", _FIX["corrupt"])
     n = _resampled_length(samples, rate)
@@ -637,7 +655,6 @@ def load_audio(path: PathLike, rule: AudioRule | None = None) -> dict[str, torch
     info = _audio_info(path)
     frames = _check_audio(path, int(info.frames), int(info.samplerate), rule)
     import soundfile
-    import soxr
 
     try:
         data, rate = soundfile.read(os.fspath(path), dtype="float32", always_2d=True)
@@ -646,14 +663,129 @@ def load_audio(path: PathLike, rule: AudioRule | None = None) -> dict[str, torch
     if data.shape[0] != info.frames or rate != info.samplerate:
         raise _error("corrupt", path, f"the header lists {info.frames} samples at {info.samplerate} Hz but "
                                       f"{data.shape[0]} at {rate} Hz decode", _FIX["corrupt"])
+    return _log_mel_payload(path, data, rate, frames, rule)
+
+
+def _mono_16k(path: PathLike, data: np.ndarray, rate: int) -> np.ndarray:
+    """float32 [n'] at 16 kHz of float32 samples [n, channels] at `rate`: the channels' mean, then
+    ``soxr.resample(x, rate, 16000, quality="HQ")`` (n' = `_resampled_length(n, rate)`)."""
+    import soxr
+
     mono = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)
     if not np.isfinite(mono).all():
         raise _error("corrupt", path, "audio has non-finite (NaN or infinite) samples", _FIX["corrupt"])
     if rate != SAMPLE_RATE:
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
-    if len(mono) != _resampled_length(data.shape[0], rate):   # soxr's length rule, relied on by audio_frames
+    if len(mono) != _resampled_length(data.shape[0], rate):   # soxr's length rule, relied on by the header counts
         raise RuntimeError(f"{os.fspath(path)}: soxr gave {len(mono)} samples, expected "
                            f"{_resampled_length(data.shape[0], rate)}")
-    features = log_mel(mono, SAMPLE_RATE, rule.num_mel_bins)
+    return mono
+
+
+def _log_mel_payload(path: PathLike, data: np.ndarray, rate: int, frames: int,
+                     rule: AudioRule) -> dict[str, torch.Tensor]:
+    """The `audio` payload of float32 samples [n, channels] at `rate` whose header promised
+    `frames` log-mel frames: `_mono_16k`, then Whisper's log-mel (shared by files and videos)."""
+    features = log_mel(_mono_16k(path, data, rate), SAMPLE_RATE, rule.num_mel_bins)
     assert features.shape[1] == frames, (features.shape, frames)
     return {"input_features": features[None], "feature_lens": torch.tensor([frames], dtype=torch.long)}
+
+
+# ---------------------------------------------------------------------------------------- audio inside videos
+
+_SHORT_TRACK_SECONDS = 0.1   # a track may end this much before its stream's own duration (padded with silence)
+
+
+@dataclass(frozen=True)
+class _AudioTrack:
+    samples: int        # samples the track gives: floor(seconds * rate + 0.5)
+    rate: int           # the stream's sample rate
+    estimated: bool     # seconds from a DURATION tag or the container, not the stream's own duration
+
+
+def _audio_track(path: PathLike, container) -> Optional[tuple[object, _AudioTrack]]:
+    """(the first audio stream, what its header says), or None when the file has no audio stream."""
+    if not container.streams.audio:
+        return None
+    stream = container.streams.audio[0]
+    try:
+        rate = int(stream.sample_rate or stream.rate or 0)
+        if stream.duration and stream.time_base:   # exact: Fraction time base (MP4: 1 / sample rate)
+            samples, estimated = math.floor(Fraction(stream.duration) * stream.time_base * rate + Fraction(1, 2)), False
+        else:
+            seconds, estimated = _stream_seconds(stream, container), True
+            samples = None if seconds is None else math.floor(seconds * rate + 0.5)
+    except Exception as e:  # noqa: BLE001
+        raise _error("corrupt", path, "audio stream header unreadable", _FIX["corrupt"], e) from None
+    if rate <= 0:
+        raise _error("corrupt", path, f"sample rate {rate} Hz in the audio stream's header", _FIX["corrupt"])
+    if samples is None:
+        raise _error("unsupported", path, "neither a duration in the audio stream's header nor the container's",
+                     "remux it so the header records them, e.g. ffmpeg -i in -c copy out.mp4")
+    return stream, _AudioTrack(samples, rate, estimated)
+
+
+def _frame_samples(frame) -> np.ndarray:
+    """float32 [samples, channels] of one decoded PyAV audio frame, scaled as soundfile reads
+    PCM into float32: signed integers / 2^(bits - 1), unsigned 8-bit (x - 128) / 128."""
+    x = frame.to_ndarray()
+    x = x.T if frame.format.is_planar else x.reshape(-1, frame.layout.nb_channels)
+    if x.dtype == np.uint8:
+        return (x.astype(np.float32) - 128) / 128
+    if x.dtype.kind == "i":
+        return (x / float(2 ** (8 * x.dtype.itemsize - 1))).astype(np.float32)
+    return x.astype(np.float32, copy=False)
+
+
+def _video_audio_samples(path: PathLike, rule: AudioRule) -> Optional[tuple[np.ndarray, int, int]]:
+    """(float32 samples [header count, channels], rate, log-mel frames) of the video file's first
+    audio stream, fitted to the header's count (module docstring); None without an audio stream."""
+    container = _open_video(path)
+    with container:
+        found = _audio_track(path, container)
+        if found is None:
+            return None
+        stream, track = found
+        frames = _check_audio(path, track.samples, track.rate, rule)
+        chunks, decoded = [], 0
+        try:
+            for frame in container.decode(stream):
+                if frame.sample_rate != track.rate:
+                    raise _error("corrupt", path, f"an audio frame at {frame.sample_rate} Hz in a {track.rate} Hz "
+                                                  "stream", _FIX["corrupt"])
+                chunks.append(_frame_samples(frame)[: track.samples - decoded])
+                decoded += chunks[-1].shape[0]
+                if decoded >= track.samples:
+                    break
+            data = np.concatenate(chunks) if chunks else np.zeros((0, stream.layout.nb_channels or 1), np.float32)
+        except MediaError:
+            raise
+        except Exception as e:  # noqa: BLE001  (av.error.InvalidDataError, channel counts that change, ...)
+            raise _error("corrupt", path, f"audio sample {decoded} cannot be decoded", _FIX["corrupt"], e) from None
+    short = track.samples - data.shape[0]
+    if short > 0:
+        if not track.estimated and short > _SHORT_TRACK_SECONDS * track.rate:
+            raise _error("corrupt", path, f"the audio stream's header lists {track.samples} samples but the track "
+                                          f"ends after {data.shape[0]}", _FIX["corrupt"])
+        data = np.concatenate([data, np.zeros((short, data.shape[1]), np.float32)])
+    return data, track.rate, frames
+
+
+def video_audio_frames(path: PathLike, rule: AudioRule | None = None) -> Optional[int]:
+    """Log-mel frames `load_video_audio(path, rule)` gives (None: the file has no audio stream),
+    from the container's and the audio stream's headers only (duration, sample rate; no decode):
+    ``int(n * 16000 / rate + 0.5) // 160`` for ``n = floor(seconds * rate + 0.5)`` samples."""
+    rule = rule or AudioRule()
+    container = _open_video(path)
+    with container:
+        found = _audio_track(path, container)
+    return None if found is None else _check_audio(path, found[1].samples, found[1].rate, rule)
+
+
+def load_video_audio(path: PathLike, rule: AudioRule | None = None) -> Optional[dict[str, torch.Tensor]]:
+    """The `audio` payload of a video file's own audio track ({"input_features": float32 [1,
+    num_mel_bins, frames], "feature_lens": long [1]}, as `load_audio` gives a clip), or None when
+    the file has no audio stream; frames == `video_audio_frames(path, rule)`."""
+    rule = rule or AudioRule()
+    found = _video_audio_samples(path, rule)
+    return None if found is None else _log_mel_payload(path, *found, rule)

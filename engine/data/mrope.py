@@ -52,6 +52,9 @@ thinker config's: ``audio_token_id`` (``audio_token_index``), ``image_token_id``
   ``get_chunked_index``), then two end tokens. Both start tokens share one id p; the video and
   the audio both start at p + 1 (time-aligned); both end tokens get the max id of the LAST chunk
   placed + 1 (transformers' rule, not the span's max), and text resumes one after that.
+  ``use_audio_in_video`` may also be one flag per video (in order of appearance): a False video is
+  laid out alone (its file had no audio track). Transformers' thinker takes one flag for all the
+  videos of a batch, so a mix has no transformers counterpart; each video alone equals it.
 
 ``delta = max(position) + 1 - len`` as for M-RoPE. Differences from transformers, deliberate:
 spans come from the placeholder ids (transformers assumes exactly one start/end token around each
@@ -249,6 +252,12 @@ def _chunk_bounds(values: np.ndarray, per_chunk: int) -> list[tuple[int, int]]:
     return out
 
 
+def chunked_index(values, tokens_per_chunk: int) -> list[tuple[int, int]]:
+    """``Qwen2_5OmniProcessor.get_chunked_index``: [start, end) slices of non-decreasing time ids
+    ``values`` (ints or floats from 0), a chunk closing at each multiple of ``tokens_per_chunk``."""
+    return _chunk_bounds(np.asarray(values), int(tokens_per_chunk))
+
+
 def _vision(start: int, t_ids: np.ndarray, gh: int, gw: int) -> np.ndarray:
     k = np.arange(len(t_ids) * gh * gw)
     return start + np.stack([t_ids[k // (gh * gw)], (k // gw) % gh, k % gw])
@@ -273,6 +282,16 @@ def _floats(x, n: int, name: str, what: str) -> np.ndarray:
     return a
 
 
+def _flags(use_audio_in_video, n_videos: int) -> list[bool]:
+    """One use_audio_in_video flag per video from one flag or a sequence of them."""
+    if isinstance(use_audio_in_video, (bool, np.bool_, int)):
+        return [bool(use_audio_in_video)] * n_videos
+    flags = [bool(f) for f in use_audio_in_video]
+    if len(flags) != n_videos:
+        raise ValueError(f"{len(flags)} use_audio_in_video flags but {n_videos} videos in video_grid_thw")
+    return flags
+
+
 def _audio_tokens(audio_lengths) -> tuple[np.ndarray, np.ndarray]:
     if audio_lengths is None:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -290,13 +309,15 @@ def tmrope_positions(input_ids, image_grid_thw=None, video_grid_thw=None, audio_
                      image_token_id: int, video_token_id: int, audio_token_id: int,
                      vision_start_token_id: int, audio_start_token_id: int, spatial_merge_size: int = 2,
                      position_id_per_seconds: float = 25, seconds_per_chunk: float = 2,
-                     second_per_grid_ts=None, use_audio_in_video: bool = False) -> tuple[np.ndarray, int]:
+                     second_per_grid_ts=None, use_audio_in_video: bool | Sequence[bool] = False
+                     ) -> tuple[np.ndarray, int]:
     """Qwen2.5-Omni TMRoPE positions of ONE document: ``(positions int64 [3, len], delta)``.
 
     ``image_grid_thw`` / ``video_grid_thw``: ``[n, 3]`` patch grids in order of appearance;
     ``audio_lengths``: RAW feature lengths (``feature_attention_mask.sum(-1)``), one per audio in
     order of appearance, a video's own audio included when ``use_audio_in_video``;
-    ``second_per_grid_ts``: the processor's ``video_second_per_grid`` (default 1.0 per video).
+    ``second_per_grid_ts``: the processor's ``video_second_per_grid`` (default 1.0 per video);
+    ``use_audio_in_video``: one flag for all videos, or one per video.
     Raises ValueError naming the counts when placeholders and grids / lengths disagree.
     """
     ids, merge = _ids(input_ids), int(spatial_merge_size)
@@ -306,7 +327,8 @@ def tmrope_positions(input_ids, image_grid_thw=None, video_grid_thw=None, audio_
     raw, audio_toks = _audio_tokens(audio_lengths)
     pps = position_id_per_seconds
     per_chunk = int(pps * seconds_per_chunk)
-    if use_audio_in_video and len(videos) and per_chunk < 1:
+    in_video = _flags(use_audio_in_video, len(videos))
+    if any(in_video) and per_chunk < 1:
         raise ValueError(f"int(position_id_per_seconds * seconds_per_chunk) = {per_chunk} must be >= 1")
     token = {"image": image_token_id, "video": video_token_id, "audio": audio_token_id}
     sizes = {"image": images.prod(axis=1) // merge**2, "video": videos.prod(axis=1) // merge**2,
@@ -318,8 +340,8 @@ def tmrope_positions(input_ids, image_grid_thw=None, video_grid_thw=None, audio_
         if found != int(sizes[kind].sum()):
             raise ValueError(f"{found} {kind} placeholder tokens (id {tok}) but {given[kind]} "
                              f"{int(sizes[kind].sum())} (tokens each: {sizes[kind].tolist()})")
-    if use_audio_in_video and len(videos) > len(audio_toks):
-        raise ValueError(f"use_audio_in_video: {len(videos)} videos need an audio each, but only "
+    if sum(in_video) > len(audio_toks):
+        raise ValueError(f"use_audio_in_video: {sum(in_video)} videos need an audio each, but only "
                          f"{len(audio_toks)} audio_lengths given")
 
     n = len(ids)
@@ -360,7 +382,7 @@ def tmrope_positions(input_ids, image_grid_thw=None, video_grid_thw=None, audio_
         t, h, w = (int(x) for x in (images if kind == "image" else videos)[k])
         gh, gw = h // merge, w // merge
         t_ids = _image_t(t, pps) if kind == "image" else _video_t(t, secs[k], pps)
-        if kind == "image" or not use_audio_in_video:
+        if kind == "image" or not in_video[k]:
             need_run(kind, k, j, m)
             pos[:, j:j + m] = _vision(cur, t_ids, gh, gw)
             cur, i = int(pos[:, j:j + m].max()) + 1, j + m

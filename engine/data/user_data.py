@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +91,11 @@ def load_shards(cfg: Config, entries: list[str], key: str, spec: EncodeSpec) -> 
             raise DataError(f"config key '{key}' folder {entries[0]} was tokenised with another tokenizer or chat "
                             f"template ({shards.meta['tokenizer']['path']}) than {spec.tokenizer}; prepare it again "
                             "with tools/prepare_data.py and this config")
-        if shards.has_media and made.get("media") != json.loads(json.dumps(asdict(spec.media) if spec.media else None)):
+        plan = json.loads(json.dumps(asdict(spec.media) if spec.media else None))
+        if shards.has_media and _with_defaults(made.get("media")) != plan:
             raise DataError(f"config key '{key}' folder {entries[0]} was prepared for another model's media parts "
-                            "or other data.min_pixels / max_pixels / video_fps / max_frames; prepare it again with "
+                            "or other data.min_pixels / max_pixels / video_fps / max_frames / use_audio_in_video; "
+                            "prepare it again with "
                             "tools/prepare_data.py and this config")
         if shards.kind != spec.kind or made.get("train_on", spec.train_on) != spec.train_on:
             raise DataError(f"config key '{key}' folder {entries[0]} was prepared as {shards.kind} "
@@ -122,6 +124,15 @@ def load_shards(cfg: Config, entries: list[str], key: str, spec: EncodeSpec) -> 
         raise DataError(f"config key '{key}' {entries}: no usable rows (skipped: {shards.skipped}); check the files "
                         "and data.text_field / the messages")
     return shards
+
+
+def _with_defaults(media):
+    """A prepared folder's media plan with the defaults of MediaPlan fields added since it was
+    prepared (they did not change its ids)."""
+    if not isinstance(media, dict):
+        return media
+    defaults = {f.name: json.loads(json.dumps(f.default)) for f in fields(MediaPlan) if f.default is not MISSING}
+    return {**defaults, **media}
 
 
 # ---- sources: items of one data.path entry ---------------------------------------------
