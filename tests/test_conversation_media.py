@@ -502,16 +502,41 @@ def _clip_features(clips: list) -> dict:
     return {"input_features": features, "feature_attention_mask": (torch.arange(int(lens.max())) < lens[:, None]).long()}
 
 
+def _assert_processor_features(clips: list, waves: list, features=None, mask=None) -> float:
+    """Our clips' payloads are the Whisper features the processors give the thinker for `waves`
+    (16 kHz): ceil(n / 160) frames of WhisperFeatureExtractor(padding="max_length",
+    return_attention_mask=True), or the given processor output's `features` [clips, mel, 3000]
+    and `mask` [clips, 3000]; returns the largest difference."""
+    from transformers import WhisperFeatureExtractor
+
+    from test_media import whisper_reference
+    from test_qwen2_5_omni import MELS
+
+    diff = 0.0
+    for k, (clip, wave) in enumerate(zip(clips, waves, strict=True)):
+        if features is None:
+            ref = whisper_reference(WhisperFeatureExtractor(feature_size=MELS), wave)
+        else:
+            ref = features[k][:, mask[k].bool()].numpy()
+        assert ref.shape[1] == -(-len(wave) // 160) == int(clip["feature_lens"][0]) == clip["input_features"].shape[2]
+        diff = max(diff, float(np.abs(clip["input_features"][0].numpy() - ref).max()))
+    assert diff < 5e-5, diff
+    return diff
+
+
 def test_a_released_qwen2_5_omni_thinker_reads_media_conversations_with_transformers_logits(folder, omni, tmp_path):
     """Image, clip and video (sampled at 1 fps: 1.5 s per temporal patch) through the data path into
     a model loaded from a Qwen2.5-Omni thinker folder: the data's TMRoPE positions, payloads and
     placeholders give the logits transformers' thinker gives for the same ids and media."""
+    from test_qwen2_5_omni import AUDIO
+
     root, _ = folder
     hf, thinker = omni
     color = tmp_path / "color.png"
     Image.fromarray(np.random.default_rng(4).integers(0, 256, (10, 14, 3), dtype=np.uint8)).save(color)
     clip = tmp_path / "clip.wav"
-    sf.write(clip, (np.random.default_rng(5).standard_normal(4300) * 3000).astype(np.int16), 16000)  # 26 frames
+    # 4300 samples: 27 frames (not whole hops: ceil(4300 / 160), the processor's count), 7 tokens
+    sf.write(clip, (np.random.default_rng(5).standard_normal(4300) * 3000).astype(np.int16), 16000)
     messages = [{"role": "user", "content": [{"type": "text", "text": "word1"}, {"type": "image", "image": str(color)},
                                              {"type": "audio", "audio": str(clip)},
                                              {"type": "video", "video": str(root / "media" / "vid1.mp4")}]},
@@ -523,6 +548,8 @@ def test_a_released_qwen2_5_omni_thinker_reads_media_conversations_with_transfor
                                                 prompts.spec.media, root, "all")
     video = next(r for r in refs if r["type"] == "video")
     assert video["seconds_per_grid"] == 1.5 and video["grid"][0] == 2
+    _assert_processor_features(_payloads(sample, "audio"), [sf.read(clip, dtype="float32")[0]])
+    assert native.count(AUDIO) == 7
     ours = _omni_logits(thinker, sample)
 
     ids = torch.tensor([native])
@@ -595,7 +622,8 @@ def test_a_video_with_its_audio_reads_as_qwen2_5_omnis_processor_and_thinker(fol
     color = tmp_path / "color.png"
     Image.fromarray(rng.integers(0, 256, (10, 14, 3), dtype=np.uint8)).save(color)
     clips = [tmp_path / "before.wav", tmp_path / "after.wav"]
-    for path, n in zip(clips, (3200, 4800)):  # 20 and 30 frames (whole hops: the processor's count is the same)
+    # 3200 samples: 20 frames, whole hops; 4870: ceil(4870 / 160) = 31 frames, 8 tokens (30 frames: 7)
+    for path, n in zip(clips, (3200, 4870)):
         sf.write(path, (rng.standard_normal(n) * 3000).astype(np.int16), 16000)
     talk = tmp_path / "talk.mp4"  # 8 frames at 2 fps, 4.0 s of audio: 400 frames, 100 tokens
     t = np.arange(176400) / 44100
@@ -629,7 +657,9 @@ def test_a_video_with_its_audio_reads_as_qwen2_5_omnis_processor_and_thinker(fol
     assert runs == [AUDIO, VIDEO, AUDIO, VIDEO, AUDIO, AUDIO], "clip, then the video and its audio in 2 s chunks"
 
     clip_lens = [int(c["feature_lens"][0]) for c in _payloads(sample, "audio")]
-    assert clip_lens == hf_in["feature_attention_mask"].sum(-1).tolist() == [20, 400, 30]
+    assert clip_lens == hf_in["feature_attention_mask"].sum(-1).tolist() == [20, 400, 31]
+    feature_diff = _assert_processor_features(_payloads(sample, "audio"), waves, hf_in["input_features"],
+                                              hf_in["feature_attention_mask"])
     assert hf_in["video_second_per_grid"].tolist() == [video["seconds_per_grid"]]
     hf.model.rope_deltas = None
     want, _ = hf.model.get_rope_index(ids, hf_in["image_grid_thw"], hf_in["video_grid_thw"], torch.ones_like(ids),
@@ -646,7 +676,8 @@ def test_a_video_with_its_audio_reads_as_qwen2_5_omnis_processor_and_thinker(fol
                     video_second_per_grid=hf_in["video_second_per_grid"],
                     **_clip_features(_payloads(sample, "audio"))).logits
     diff = float((ours - theirs).abs().max())
-    print(f"video with its audio: ids equal the processor's ({len(native)} tokens), max |logit diff| = {diff:.3g}")
+    print(f"video with its audio: ids equal the processor's ({len(native)} tokens), max |feature diff| = "
+          f"{feature_diff:.3g}, max |logit diff| = {diff:.3g}")
     assert ours.shape == theirs.shape and diff < 1e-4
 
     silent = [{"role": "user", "content": [{"type": "video", "video": str(root / "media" / "vid1.mp4")},

@@ -7,9 +7,10 @@ References (transformers 5.24, installed without torchvision):
   with stub torchvision modules, which only its resize path uses), `transformers.video_utils.
   read_video_pyav` and `VideoMetadata`; each sampled frame resized / rescaled / normalised with
   the PIL image processor's own methods at the video pixel bounds;
-- `WhisperFeatureExtractor(feature_size=mel)` with padding="longest", truncation=False (no padding
-  to 30 s), on the mono waveform resampled by the same `soxr.resample(..., quality="HQ")` call
-  (soxr itself is the reference for the resampling).
+- `WhisperFeatureExtractor(feature_size=mel)` called as the released processors call it
+  (Qwen2-Audio's, Qwen2_5OmniProcessor: padding="max_length", return_attention_mask=True, the
+  frames its attention mask marks), on the mono waveform resampled by the same
+  `soxr.resample(..., quality="HQ")` call (soxr itself is the reference for the resampling).
 Media files are generated into tmp_path with numpy, Pillow, soundfile and PyAV.
 """
 
@@ -393,6 +394,35 @@ def test_soxr_length_rule():
             assert len(y) == media._resampled_length(n, rate), (rate, n)
 
 
+def whisper_reference(extractor, mono: np.ndarray) -> np.ndarray:
+    """[mel, frames] as the released processors give a 16 kHz clip to the thinker: features of
+    the clip zero-padded to 30 s, the frames of the attention mask (ceil(n / 160) of them)."""
+    out = extractor(mono, sampling_rate=16000, padding="max_length", return_attention_mask=True,
+                    return_tensors="np")
+    assert out["attention_mask"].shape == (1, 3000) and out["attention_mask"].sum() == -(-len(mono) // 160)
+    return out["input_features"][0][:, out["attention_mask"][0].astype(bool)]
+
+
+@pytest.mark.parametrize("mel", [80, 128])
+def test_whisper_features_at_the_edges(mel):
+    """`_whisper_features` on lengths around the 160-sample hop, the 400-sample window and 30 s:
+    the processor's frame count, and its values (first frames' reflect padding, last frames'
+    zeros, the `max - 8` clamp over the 30 s)."""
+    extractor = WhisperFeatureExtractor(feature_size=mel)
+    rng = np.random.default_rng(mel)
+    max_diff = 0.0
+    for n in (1, 7, 159, 160, 161, 200, 201, 399, 401, 4870, 19744, 479_799, 479_959, 479_999, 480_000):
+        wave = (0.3 * rng.standard_normal(n)).astype(np.float32)
+        if n == 4870:
+            wave[:] *= 1e-4  # quiet: the clamp floor sits under the zero frames' log floor
+        ref = whisper_reference(extractor, wave)
+        ours = media._whisper_features(wave, mel)
+        assert ours.shape == ref.shape == (mel, -(-n // 160)) and ours.dtype == torch.float32, n
+        max_diff = max(max_diff, float(np.abs(ours.numpy() - ref).max()))
+    assert max_diff <= 5e-5, max_diff
+    print(f"whisper features at the edges (mel={mel}): max |ours - WhisperFeatureExtractor| = {max_diff:.3g}")
+
+
 @pytest.mark.parametrize("mel", [80, 128])
 def test_audio_matches_whisper(tmp_path, mel):
     files = [  # (name, rate, channels, subtype)
@@ -409,20 +439,20 @@ def test_audio_matches_whisper(tmp_path, mel):
     max_diff = 0.0
     for i, (name, rate, channels, subtype) in enumerate(files):
         path = tmp_path / name
-        sf.write(path, _tone(int(rate * (1.0 + 0.137 * i)), rate, channels, seed=i), rate, subtype=subtype)
+        sf.write(path, _tone(int(rate * (1.234 + 0.137 * i)), rate, channels, seed=i), rate, subtype=subtype)
         ours = media.load_audio(path, rule)
         data, read_rate = sf.read(path, dtype="float32", always_2d=True)
         mono = data.mean(axis=1)
         if read_rate != 16000:
             mono = soxr.resample(mono, read_rate, 16000, quality="HQ")
-        ref = extractor(mono, sampling_rate=16000, padding="longest", truncation=False,
-                        return_tensors="np").input_features[0]
+        assert len(mono) % 160, name  # not whole hops: the processor counts ceil(n / 160) frames
+        ref = whisper_reference(extractor, mono)
         frames = media.audio_frames(path, rule)
-        assert ref.shape == (mel, len(mono) // 160) and frames == ref.shape[1], name
+        assert ref.shape == (mel, -(-len(mono) // 160)) and frames == ref.shape[1], name
         assert ours["input_features"].shape == (1, mel, frames) and ours["input_features"].dtype == torch.float32
         assert ours["feature_lens"].tolist() == [frames] and ours["feature_lens"].dtype == torch.long
         max_diff = max(max_diff, float(np.abs(ours["input_features"][0].numpy() - ref).max()))
-    assert max_diff <= 1e-4, max_diff
+    assert max_diff <= 5e-5, max_diff
     print(f"audio (mel={mel}): max |ours - WhisperFeatureExtractor| = {max_diff:.3g}")
 
 
@@ -484,7 +514,7 @@ def _header_samples(path) -> tuple[int, bool]:
 
 
 # (file, codec, rate, channels, samples written)
-AUDIO_TRACKS = [("aac_44k_stereo.mp4", "aac", 44100, 2, 30000), ("aac_16k.mp4", "aac", 16000, 1, 23456),
+AUDIO_TRACKS = [("aac_44k_stereo.mp4", "aac", 44100, 2, 30100), ("aac_16k.mp4", "aac", 16000, 1, 23456),
                 ("pcm_16k.mov", "pcm_s16le", 16000, 1, 23456), ("pcm_48k_stereo.mp4", "pcm_s16le", 48000, 2, 40000),
                 ("aac_22k.mkv", "aac", 22050, 1, 30000), ("opus_48k.mkv", "libopus", 48000, 1, 30000)]
 
@@ -510,16 +540,16 @@ def test_audio_inside_videos_matches_whisper(tmp_path):
         mono = fitted.mean(axis=1) if channels > 1 else fitted[:, 0]
         if rate != 16000:
             mono = soxr.resample(mono, rate, 16000, quality="HQ")
-        ref = extractor(mono, sampling_rate=16000, padding="longest", truncation=False,
-                        return_tensors="np").input_features[0]
+        assert len(mono) % 160, name  # not whole hops: the processor counts ceil(n / 160) frames
+        ref = whisper_reference(extractor, mono)
         frames = media.video_audio_frames(path, rule)
         ours = media.load_video_audio(path, rule)
-        assert frames == media._resampled_length(count, rate) // 160 == ref.shape[1], name
+        assert frames == -(-media._resampled_length(count, rate) // 160) == ref.shape[1], name
         assert ours["input_features"].shape == (1, 80, frames) and ours["feature_lens"].tolist() == [frames], name
         samples, _, _ = media._video_audio_samples(path, rule)
         assert np.array_equal(samples, fitted), name
         max_diff = max(max_diff, float(np.abs(ours["input_features"][0].numpy() - ref).max()))
-    assert max_diff <= 1e-4, max_diff
+    assert max_diff <= 5e-5, max_diff
     print(f"audio in videos: max |ours - WhisperFeatureExtractor| = {max_diff:.3g}")
 
 
@@ -532,10 +562,11 @@ def test_audio_inside_videos_silent_and_bad(tmp_path):
     assert media.video_audio_frames(one_second) == 100
     tiny = tmp_path / "tiny.mp4"
     write_video_with_audio(tiny, 2, 2, _tone(150, 16000), 16000, "pcm_s16le")
+    assert media.video_audio_frames(tiny) == 1 and media.load_video_audio(tiny)["input_features"].shape == (1, 80, 1)
     for fn in (media.video_audio_frames, media.load_video_audio):
         _assert_media_error("missing", tmp_path / "nope.mp4", fn)
         _assert_media_error("too_long", one_second, fn, AudioRule(max_frames=50))
-        _assert_media_error("too_short", tiny, fn)
+        _assert_media_error("too_short", tiny, fn, AudioRule(min_frames=3))  # the audio parts' least
 
 
 # ------------------------------------------------------------------------------------ bad media
@@ -574,17 +605,25 @@ def test_bad_audio(tmp_path):
     empty = tmp_path / "empty.wav"
     sf.write(empty, np.zeros(0, np.int16), 16000)
     short = tmp_path / "short.wav"
-    sf.write(short, _tone(180, 16000).astype(np.float32), 16000)  # 1 frame by length, under log_mel's 201 samples
+    sf.write(short, _tone(320, 16000).astype(np.float32), 16000)  # 2 frames
     shorter = tmp_path / "shorter.wav"
-    sf.write(shorter, _tone(100, 8000).astype(np.float32), 8000)
+    sf.write(shorter, _tone(100, 8000).astype(np.float32), 8000)  # 200 samples at 16 kHz: 2 frames
+    just = tmp_path / "just.wav"
+    sf.write(just, _tone(321, 16000).astype(np.float32), 16000)  # 3 frames, the last one of a single sample
+    vanishing = tmp_path / "vanishing.wav"
+    sf.write(vanishing, np.full(1, 0.1, np.float32), 48000)  # 0 samples at 16 kHz
+    assert [media.audio_frames(p) for p in (short, shorter, just)] == [2, 2, 3]
+    assert media.load_audio(shorter)["input_features"].shape == (1, 80, 2)
+    assert media.audio_frames(just, AudioRule(min_frames=3)) == 3
     one_second = tmp_path / "one_second.wav"
     sf.write(one_second, _tone(44100, 44100).astype(np.float32), 44100)
     for fn in (media.audio_frames, media.load_audio):
         _assert_media_error("corrupt", garbage, fn)
         _assert_media_error("unsupported", text, fn)
         _assert_media_error("empty_audio", empty, fn)
-        _assert_media_error("too_short", short, fn)
-        _assert_media_error("too_short", shorter, fn)
+        _assert_media_error("too_short", short, fn, AudioRule(min_frames=3))
+        _assert_media_error("too_short", shorter, fn, AudioRule(min_frames=3))
+        _assert_media_error("too_short", vanishing, fn)
         _assert_media_error("too_long", one_second, fn, AudioRule(max_frames=50))
         _assert_media_error("too_short", one_second, fn, AudioRule(min_frames=101))
     assert media.audio_frames(one_second, AudioRule(min_frames=100, max_frames=100)) == 100

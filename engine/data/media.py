@@ -16,8 +16,7 @@ size. Every failure is a `MediaError` whose `reason` is one of
     empty_audio   an audio file with zero samples
     no_frames     a video file without a video stream, or whose stream has no frames
     too_long      audio with more log-mel frames than AudioRule.max_frames
-    too_short     audio with fewer than AudioRule.min_frames frames (or under 201 samples at
-                  16 kHz, the least Whisper's reflect-padded STFT accepts)
+    too_short     audio with fewer than AudioRule.min_frames log-mel frames
 
 and whose message is one line: ``<path>: <what> (<underlying error>); <fix>``. The header
 functions raise the same reason as the load functions whenever the header tells.
@@ -65,11 +64,20 @@ Audio (`audio_frames`, `load_audio`) is read with soundfile (WAV, FLAC, OGG, MP3
 libsndfile reads) as float32, mixed down to mono as the float32 mean of its channels,
 resampled to 16 kHz with ``soxr.resample(x, rate, 16000, quality="HQ")`` (skipped at 16 kHz),
 whose output has ``int(n * 16000 / rate + 0.5)`` samples (soxr rounds half up), and turned
-into Whisper's log-mel features by `engine.modalities.audio.log_mel` (``samples // 160``
-frames, equal to ``WhisperFeatureExtractor`` on the unpadded waveform). `audio_frames` predicts
-that count from ``soundfile.info``'s frame count and sample rate alone; `load_audio` checks the
-decoded sample count against the header (a mismatch is "corrupt"), and non-finite samples are
-"corrupt".
+into Whisper's log-mel features as the released processors compute them (Qwen2-Audio's and
+``Qwen2_5OmniProcessor``: ``WhisperFeatureExtractor(padding="max_length",
+return_attention_mask=True)``, the thinker keeping the frames of ``feature_attention_mask``):
+``ceil(samples / 160)`` frames (the attention mask subsampled every 160 samples) of the features
+of the waveform zero-padded to 30 s. `_whisper_features` gets them from
+`engine.modalities.audio.log_mel` on the waveform zero-padded to ``ceil(samples / 160) * 160 +
+400`` samples (at most 30 s): every frame whose window touches the signal is then computed as on
+the 30 s waveform (the first frames' reflect padding reads the same samples, the last frames see
+zeros), the frames past it sit at the log floor and leave the ``max - 8`` clamp alone, and the
+first ``ceil(samples / 160)`` frames are kept. (``log_mel`` alone, on the unpadded waveform,
+gives ``samples // 160`` frames whose last ones differ.) Any clip of at least one sample is
+long enough; `AudioRule.min_frames` sets the floor. `audio_frames` predicts the count from
+``soundfile.info``'s frame count and sample rate alone; `load_audio` checks the decoded sample
+count against the header (a mismatch is "corrupt"), and non-finite samples are "corrupt".
 
 Audio inside videos (`video_audio_frames`, `load_video_audio`; read under
 ``data.use_audio_in_video``, as Qwen2.5-Omni's processor reads a video's own track with
@@ -116,7 +124,7 @@ REASONS = ("missing", "corrupt", "unsupported", "empty_audio", "no_frames", "too
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # transformers.image_utils, Qwen2-VL's defaults
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-MIN_AUDIO_SAMPLES = N_FFT // 2 + 1   # 201 samples at 16 kHz: the shortest input of log_mel's reflect-padded STFT
+WHISPER_SAMPLES = 30 * SAMPLE_RATE   # WhisperFeatureExtractor pads every clip with zeros to 30 s
 
 # Suffixes of containers PyAV (FFmpeg) is meant to read as video: a file with one of these
 # that FFmpeg cannot open is "corrupt", any other unreadable file "unsupported".
@@ -626,9 +634,9 @@ def _check_audio(path: PathLike, samples: int, rate: int, rule: AudioRule) -> in
     if rate <= 0:
         raise _error("corrupt", path, f"sample rate {rate} Hz in the audio header", _FIX["corrupt"])
     n = _resampled_length(samples, rate)
-    frames = n // HOP_LENGTH
-    if n < MIN_AUDIO_SAMPLES or frames < rule.min_frames:
-        need = max(MIN_AUDIO_SAMPLES, rule.min_frames * HOP_LENGTH)
+    frames = -(-n // HOP_LENGTH)   # ceil: the processors' attention mask, every 160th sample of the clip
+    if frames < rule.min_frames:
+        need = (rule.min_frames - 1) * HOP_LENGTH + 1
         raise _error("too_short", path, f"audio is {samples} samples at {rate} Hz = {n} at 16 kHz, {frames} log-mel "
                                         f"frames", f"clips need at least {need} samples at 16 kHz "
                                                    f"({rule.min_frames} frames); lengthen or remove it")
@@ -641,7 +649,7 @@ def _check_audio(path: PathLike, samples: int, rate: int, rule: AudioRule) -> in
 
 def audio_frames(path: PathLike, rule: AudioRule | None = None) -> int:
     """Log-mel frames `load_audio(path, rule)` gives, from `soundfile.info` (frame count and sample
-    rate) only: ``int(n * 16000 / rate + 0.5) // 160``."""
+    rate) only: ``ceil(int(n * 16000 / rate + 0.5) / 160)``."""
     rule = rule or AudioRule()
     info = _audio_info(path)
     return _check_audio(path, int(info.frames), int(info.samplerate), rule)
@@ -685,10 +693,29 @@ def _mono_16k(path: PathLike, data: np.ndarray, rate: int) -> np.ndarray:
 def _log_mel_payload(path: PathLike, data: np.ndarray, rate: int, frames: int,
                      rule: AudioRule) -> dict[str, torch.Tensor]:
     """The `audio` payload of float32 samples [n, channels] at `rate` whose header promised
-    `frames` log-mel frames: `_mono_16k`, then Whisper's log-mel (shared by files and videos)."""
-    features = log_mel(_mono_16k(path, data, rate), SAMPLE_RATE, rule.num_mel_bins)
+    `frames` log-mel frames: `_mono_16k`, then `_whisper_features` (shared by files and videos)."""
+    features = _whisper_features(_mono_16k(path, data, rate), rule.num_mel_bins)
     assert features.shape[1] == frames, (features.shape, frames)
     return {"input_features": features[None], "feature_lens": torch.tensor([frames], dtype=torch.long)}
+
+
+def _whisper_features(wave: np.ndarray, num_mel_bins: int) -> torch.Tensor:
+    """float32 [num_mel_bins, ceil(n / 160)]: the frames of a 16 kHz waveform [n] that
+    ``WhisperFeatureExtractor(padding="max_length", return_attention_mask=True)`` marks valid, as
+    it computes them on the waveform zero-padded to 30 s. `log_mel` runs on the waveform padded
+    with zeros to ``ceil(n / 160) * 160 + 400`` samples (capped at 30 s for n <= 30 s, where the
+    30 s waveform is then the same): every frame whose 400-sample window touches the signal is
+    computed, reflect padding included, from the same samples as on the 30 s waveform, and the
+    frames beyond, all zeros, sit at the log floor and do not move the ``max - 8`` clamp. (A clip
+    over 30 s, allowed only by ``AudioRule.max_frames > 3000``, keeps all its frames, where the
+    processors would cut it at 30 s.)"""
+    frames = -(-len(wave) // HOP_LENGTH)
+    size = frames * HOP_LENGTH + N_FFT
+    if len(wave) <= WHISPER_SAMPLES:
+        size = min(size, WHISPER_SAMPLES)
+    padded = np.zeros(size, np.float32)
+    padded[:len(wave)] = wave
+    return log_mel(padded, SAMPLE_RATE, num_mel_bins)[:, :frames].contiguous()
 
 
 # ---------------------------------------------------------------------------------------- audio inside videos
@@ -774,7 +801,7 @@ def _video_audio_samples(path: PathLike, rule: AudioRule) -> Optional[tuple[np.n
 def video_audio_frames(path: PathLike, rule: AudioRule | None = None) -> Optional[int]:
     """Log-mel frames `load_video_audio(path, rule)` gives (None: the file has no audio stream),
     from the container's and the audio stream's headers only (duration, sample rate; no decode):
-    ``int(n * 16000 / rate + 0.5) // 160`` for ``n = floor(seconds * rate + 0.5)`` samples."""
+    ``ceil(int(n * 16000 / rate + 0.5) / 160)`` for ``n = floor(seconds * rate + 0.5)`` samples."""
     rule = rule or AudioRule()
     container = _open_video(path)
     with container:
