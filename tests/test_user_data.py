@@ -307,3 +307,17 @@ def test_validation_pass_covers_every_held_out_sample_once(sft_dir, tmp_path):
     assert seen == list(range(kept)) and data._row(n_rows) == []
     batch = data.micro_batches(-(-n_rows // 8), 8, 0, 1, 8)[0]  # past the pass: no targets
     assert bool((batch.labels == -100).all())
+
+
+def test_prepared_folder_name_changes_with_the_prepared_format(tmp_path, monkeypatch):
+    """Folders prepared under older token-counting rules are prepared again, not reused."""
+    from engine.data import tokenize_corpus
+
+    rows, tok = tmp_path / "rows.jsonl", tmp_path / "tokenizer.json"
+    rows.write_text('{"text": "hello"}\n')
+    tok.write_text("{}")
+    spec = tokenize_corpus.EncodeSpec(kind="text", tokenizer=str(tok))
+    before = spec.fingerprint([rows])
+    assert spec.fingerprint([rows]) == before
+    monkeypatch.setattr(tokenize_corpus, "PREPARED_FORMAT", tokenize_corpus.PREPARED_FORMAT + 1)
+    assert spec.fingerprint([rows]) != before

@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _BATCH_ROWS = 512
+# Part of every prepared folder's name: bump it when the rules that turn rows into tokens change
+# (chat encoding, media token counts from headers in media.py / conversation_media.py), so that
+# folders prepared by an older engine are prepared again instead of having their samples dropped
+# as "changed" when they are decoded. 2: clips count ceil(n / 160) log-mel frames.
+PREPARED_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class EncodeSpec:
     def fingerprint(self, files: list[Path]) -> str:
         """Changes when a file, the tokenizer, the template or an option changes."""
         h = hashlib.sha256(repr(sorted(asdict(self).items())).encode() + self.tokenizer_fingerprint().encode())
+        h.update(f"format={PREPARED_FORMAT}".encode())
         for f in files:
             st = f.stat()
             h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
