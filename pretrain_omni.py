@@ -5,7 +5,10 @@
     python pretrain_omni.py --config examples/configs/tiny_dense.yaml --train.steps=20
     torchrun --nproc_per_node 4 pretrain_omni.py --config ... --parallel.dp_replicate=2
 
-Configuration, checkpoint and data mistakes print one line on stderr and exit with code 2.
+Configuration, checkpoint and data mistakes print one line on stderr and exit with code 2; a run
+that diverged (train.max_bad_steps consecutive non-finite steps) prints one line and exits with
+code 3, its last checkpoint intact (a restart without a config change would diverge again). On
+SIGTERM the run saves a checkpoint at the next step boundary and exits 0; run it again to resume.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ def main(argv: list[str]) -> int:
     from engine.checkpoint import CheckpointError
     from engine.config import ConfigError, load_config, parse_overrides
     from engine.data.errors import DataError
+    from engine.training.trainer import TrainingDivergedError
 
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -40,6 +44,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDivergedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -20,7 +21,7 @@ import yaml
 
 
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "ModelConfig", "ParallelConfig", "TrainConfig",
-           "expand_path", "load_config", "parse_overrides", "resolve_layout", "validate"]
+           "ensure_dir", "expand_path", "load_config", "parse_overrides", "resolve_layout", "validate"]
 
 
 class ConfigError(ValueError):
@@ -216,6 +217,9 @@ class TrainConfig:
     """Every N steps (and at the end), the validation loss (data.eval_path / eval_fraction); 0 = never."""
     eval_batches: int = 0
     """Global batches per validation; 0 = the whole validation set."""
+    max_bad_steps: int = 5
+    """A step whose loss or gradient norm is not finite is skipped (no optimizer update, no
+    checkpoint); this many consecutive skipped steps stop the run with an error (exit code 3)."""
 
 
 @dataclass
@@ -225,6 +229,12 @@ class CheckpointConfig:
     resume: str = "auto"
     """auto = latest complete checkpoint in output_dir, none, or a checkpoint directory."""
     enabled: bool = True
+    keep_last: Optional[int] = None
+    """Keep only the newest N complete checkpoints (older ones are removed once a new one is
+    complete); 0 or null = keep all."""
+    async_save: bool = False
+    """Write checkpoints in a background thread (DCP async_save): the step only waits for the
+    copy to CPU memory; COMPLETE is written once the files are on disk."""
 
 
 @dataclass
@@ -400,6 +410,7 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
+    _check_numbers(cfg)
     m, d, t, c, p = cfg.model, cfg.data, cfg.train, cfg.checkpoint, cfg.parallel
     positive = {
         "model.vocab_size": m.vocab_size, "model.hidden_size": m.hidden_size,
@@ -465,10 +476,16 @@ def validate(cfg: Config) -> None:
                           f"got {d.num_workers}")
     if t.eval_interval < 0 or t.eval_batches < 0:
         raise ConfigError("config keys 'train.eval_interval' and 'train.eval_batches' must be >= 0")
+    if t.max_bad_steps < 1:
+        raise ConfigError(f"config key 'train.max_bad_steps' must be >= 1 (consecutive non-finite steps skipped "
+                          f"before the run stops), got {t.max_bad_steps}: set it to 1 or more (default 5)")
     if d.micro_batch_size < 0:
         raise ConfigError(f"config key 'data.micro_batch_size' must be >= 0, got {d.micro_batch_size}")
     if c.interval < 0:
         raise ConfigError(f"config key 'checkpoint.interval' must be >= 0, got {c.interval}")
+    if c.keep_last is not None and c.keep_last < 0:
+        raise ConfigError(f"config key 'checkpoint.keep_last' must be >= 0, got {c.keep_last}: use N >= 1 to keep "
+                          "the newest N checkpoints, or 0 / null to keep all")
     if c.resume not in ("auto", "none") and not Path(c.resume).is_dir():
         raise ConfigError(f"config key 'checkpoint.resume' is {c.resume!r}: use auto, none, or an existing checkpoint directory")
     if m.num_heads % p.sp_size:
@@ -493,6 +510,163 @@ def validate(cfg: Config) -> None:
                           "set model.backbone=moe (and model.num_experts) or parallel.ep_size=1")
     elif m.num_experts:
         raise ConfigError(f"config key 'model.num_experts'={m.num_experts} needs model.backbone=moe")
+    _check_ranges(cfg)
+    _check_dirs(cfg)
+    _check_part_specs(cfg.model)
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Every float key is finite (NaN slips through `<` checks; inf poisons the run) and every
+    int key fits in 64 bits (torch and numpy take no more)."""
+    for section in _SECTIONS:
+        for f in dataclasses.fields(_section_class(section)):
+            key, value = f"{section}.{f.name}", getattr(getattr(cfg, section), f.name)
+            items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
+            for name, v in items:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"config key '{name}' must be a finite number, got {v}")
+                if isinstance(v, int) and not isinstance(v, bool) and not -2 ** 63 <= v < 2 ** 63:
+                    raise ConfigError(f"config key '{name}'={v} does not fit in a 64-bit integer: use a realistic "
+                                      "value")
+
+
+# Parameters a backbone may have before the config is taken for a typo (the largest released
+# models have ~2e12); a bigger one would hang building on the meta device or fail to allocate.
+_MAX_BACKBONE_PARAMS = 10 ** 13
+MAX_LAYERS = 4096
+"""Most layers a backbone or a part's stack may have (30x the deepest trained transformers):
+more is a typo, and would exhaust memory with module objects while building on the meta device."""
+_MAX_WORKERS = 256
+_MAX_FAKE_WORLD = 2 ** 20
+_MAX_STEP_TOKENS = 2 ** 40  # ~1e12 tokens per optimizer step; the largest runs use ~1e8
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Bounds torch, numpy or the model would otherwise enforce with a traceback (or not at all)."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    for key, value in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"config key '{key}' must be in [0, 1) (an AdamW moment decay), got {value}")
+    if not 0 <= t.seed < 2 ** 32:
+        raise ConfigError(f"config key 'train.seed' must be in [0, 2**32) (numpy's seed range), got {t.seed}")
+    for key, value in (("model.rope_theta", m.rope_theta),
+                       ("model.max_position_embeddings", m.max_position_embeddings)):
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+    for key, value in (("model.init_std", m.init_std), ("model.rms_norm_eps", m.rms_norm_eps),
+                       ("model.router_aux_loss_coef", m.router_aux_loss_coef),
+                       ("model.router_z_loss_coef", m.router_z_loss_coef), ("model.num_experts", m.num_experts),
+                       ("model.shared_expert_intermediate_size", m.shared_expert_intermediate_size)):
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    if m.head_dim is not None and m.head_dim < 1:
+        raise ConfigError(f"config key 'model.head_dim' must be >= 1 or null (hidden_size / num_heads), "
+                          f"got {m.head_dim}")
+    if m.seconds_per_chunk is not None and m.seconds_per_chunk <= 0:
+        raise ConfigError(f"config key 'model.seconds_per_chunk' must be > 0 or null, got {m.seconds_per_chunk}")
+    if any(not 0 <= i < m.num_layers for i in m.mlp_only_layers):
+        raise ConfigError(f"config key 'model.mlp_only_layers'={m.mlp_only_layers} must hold layer indices in "
+                          f"[0, model.num_layers={m.num_layers})")
+    if m.rope_scaling is not None and "factor" in m.rope_scaling:
+        factor = m.rope_scaling["factor"]
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+            raise ConfigError(f"config key 'model.rope_scaling' needs a finite 'factor' > 0, got {factor!r}")
+    if m.num_layers > MAX_LAYERS:
+        raise ConfigError(f"config key 'model.num_layers' must be at most {MAX_LAYERS}, got {m.num_layers}")
+    if d.global_batch_size * d.seq_len > _MAX_STEP_TOKENS:
+        raise ConfigError(f"config keys data.global_batch_size={d.global_batch_size} x data.seq_len={d.seq_len} make "
+                          f"{d.global_batch_size * d.seq_len:.3g} tokens per step (> 2**40): one of them has a typo")
+    if cfg.parallel.fake_world_size > _MAX_FAKE_WORLD:
+        raise ConfigError(f"config key 'parallel.fake_world_size' must be at most {_MAX_FAKE_WORLD} ranks, got "
+                          f"{cfg.parallel.fake_world_size}")
+    if d.num_workers > _MAX_WORKERS:
+        raise ConfigError(f"config key 'data.num_workers'={d.num_workers} is more than {_MAX_WORKERS} processes per "
+                          "rank: use a few (about the CPU cores per rank)")
+    head_dim = m.head_dim or m.hidden_size // m.num_heads
+    mlp = 3 * m.hidden_size * m.intermediate_size
+    if m.backbone == "moe":
+        mlp = max(mlp, m.hidden_size * (m.num_experts * (3 * m.moe_intermediate_size + 1)
+                                        + 3 * m.shared_expert_intermediate_size))
+    params = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2) + \
+        m.num_layers * (m.hidden_size * head_dim * 2 * (m.num_heads + m.num_kv_heads) + mlp)
+    if params > _MAX_BACKBONE_PARAMS:
+        raise ConfigError(f"config keys model.vocab_size={m.vocab_size}, model.hidden_size={m.hidden_size}, "
+                          f"model.intermediate_size={m.intermediate_size}, model.num_layers={m.num_layers} (and the "
+                          f"MoE sizes) make a backbone of {params:.2g} parameters (> {_MAX_BACKBONE_PARAMS:.0e}): "
+                          "one of them has a typo")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # no permission to look: ensure_dir tells at the start of the run
+        return False
+
+
+def _check_dirs(cfg: Config) -> None:
+    """Folder keys name a folder (or a path one can be made at), not a file and not ''."""
+    for key, value in (("train.output_dir", cfg.train.output_dir), ("data.cache_dir", cfg.data.cache_dir)):
+        if not value.strip():
+            raise ConfigError(f"config key '{key}' is empty: name a folder")
+        path = expand_path(value)
+        blocker = next((q for q in (path, *path.parents) if _exists(q)), None)
+        if blocker is not None and not blocker.is_dir():
+            what = "is" if blocker == path else f"is below {str(blocker)!r}, which is"
+            raise ConfigError(f"config key '{key}'={value!r} {what} a file, not a directory: name a folder")
+
+
+def ensure_dir(key: str, value: str) -> Path:
+    """The folder of config key `key`, created if missing; a ConfigError if it cannot be
+    (no permission, read-only or full file system)."""
+    path = expand_path(value)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        reason = getattr(e, "strerror", None) or e
+        raise ConfigError(f"config key '{key}'={value!r}: cannot create the folder ({reason}): name a "
+                          "writable folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"config key '{key}'={value!r} is not writable: name a writable folder")
+    return path
+
+
+# Keys of a part spec (model.encoders / model.decoders entries) that are not the part's own options.
+_PART_BOOL_KEYS = ("freeze", "project", "activation_checkpointing")
+PART_RECIPES = ("fsdp", "replicate")
+"""A part's `recipe` (engine/parallel/part_recipes.py): its own FSDP unit, or replicated."""
+
+
+def _check_part_specs(m: ModelConfig) -> None:
+    """The engine's own keys of each part spec; the part's options are checked where it is built."""
+    seen: dict[str, str] = {}
+    for kind in ("encoders", "decoders"):
+        for i, spec in enumerate(getattr(m, kind)):
+            where = f"model.{kind}[{i}]"
+            name = spec.get("name") if isinstance(spec, dict) else None
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"config key '{where}' needs a 'name' (a registered {kind[:-1]}), e.g. "
+                                  f"{{name: {'vision' if kind == 'encoders' else 'image_vq'}, ...}}, got {spec!r}")
+            if name in seen:
+                raise ConfigError(f"config key '{where}': part {name!r} is already {seen[name]}; list each part once")
+            seen[name] = where
+            for key in _PART_BOOL_KEYS:
+                if key in spec and not isinstance(spec[key], bool):
+                    raise ConfigError(f"config key '{where}.{key}' expects bool (true or false), got {spec[key]!r}")
+            if spec.get("init_from") is not None and not isinstance(spec["init_from"], str):
+                raise ConfigError(f"config key '{where}.init_from' expects a path, got {spec['init_from']!r}")
+            recipe = spec.get("recipe", "fsdp")
+            if recipe not in PART_RECIPES or (kind == "decoders" and recipe != "fsdp"):
+                allowed = PART_RECIPES if kind == "encoders" else ("fsdp",)
+                raise ConfigError(f"config key '{where}.recipe' must be one of {', '.join(allowed)} "
+                                  f"({kind} support those), got {recipe!r}")
+            if "loss_weight" in spec:
+                w = spec["loss_weight"]
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                    raise ConfigError(f"config key '{where}.loss_weight' must be a finite number >= 0, got {w!r}")
+            ph = spec.get("placeholder")
+            if ph is not None and (isinstance(ph, bool) or not isinstance(ph, int) or not 0 <= ph < m.vocab_size):
+                raise ConfigError(f"config key '{where}.placeholder' must be a token id in [0, model.vocab_size="
+                                  f"{m.vocab_size}), got {ph!r}")
 
 
 def resolve_layout(cfg: Config, world_size: int) -> dict[str, int]:

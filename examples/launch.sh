@@ -25,6 +25,9 @@ launch() {
              --max-restarts="${MAX_RESTARTS:-3}" "$ROOT/pretrain_omni.py")
     fi
     cmd+=("$@")
+    # torch 2.13's torchrun shares its rendezvous store with the workers, and a restarted round
+    # then cannot connect (pytorch/pytorch#135712): keep them apart so --max-restarts works.
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
     if [ -n "${DRY_RUN:-}" ]; then
         printf '%s\n' "${cmd[@]}"
     else

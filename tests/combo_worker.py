@@ -4,7 +4,8 @@ of torchrun, imports and gloo once per model instead of once per combination.
 
     torchrun --nproc_per_node N combo_worker.py CASES.json OUT.json
 
-CASES.json: [{"name": ..., "config": YAML path, "overrides": [[key, value], ...]}, ...].
+CASES.json: [{"name": ..., "config": YAML path, "overrides": [[key, value], ...]}, ...]; a case
+with "fit": true runs Trainer.fit() (resume, checkpoints, metrics.jsonl) instead of bare steps.
 OUT.json (rank 0): {name: {"loss": [...], "extra": {loss name: [...]}}}.
 """
 
@@ -27,7 +28,7 @@ for case in cases:
     cfg = load_config(case["config"], [tuple(kv) for kv in case["overrides"]])
     torch._dynamo.reset()
     trainer = Trainer(cfg, ctx)
-    records = [trainer.train_step() for _ in range(cfg.train.steps)]
+    records = trainer.fit() if case.get("fit") else [trainer.train_step() for _ in range(cfg.train.steps)]
     results[case["name"]] = {"loss": [r["loss"] for r in records],
                              "extra": {k: [r[k] for r in records] for k in records[0] if k.startswith("loss_")}}
     trainer.close()

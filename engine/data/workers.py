@@ -18,7 +18,7 @@ message (a DataError still prints one line, exit code 2; a DataError or ConfigEr
 subclass that does not pickle back arrives as its base class, same message); the worker's
 traceback is its `__cause__`. A worker that dies without one (killed, out of memory) is a
 DataError naming it and its exit code, noticed within a second, never a hang. Workers are
-daemons that ignore SIGINT (the training process handles Ctrl-C and closes them) and exit
+daemons that ignore SIGINT and SIGTERM (the training process handles them and closes them) and exit
 on their own when the training process goes away (their pipe's end of file, or a changed
 parent pid). `close()` (also run when the object is collected, and at interpreter exit)
 stops and reaps them all; it is idempotent.
@@ -412,7 +412,11 @@ def _worker_main(conn, payload: bytes, parent: int) -> None:
 def _serve(conn, payload: bytes, parent: int) -> None:
     entered, t0 = time.time(), time.perf_counter()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
+    # Ctrl-C and SIGTERM are the training process's to handle (Slurm's scancel and a process-group
+    # kill reach the workers too): it saves at the next step boundary, which needs their batches,
+    # then closes them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     import torch
     import torch.multiprocessing  # shared-memory reductions for tensors _pack leaves to pickle
 

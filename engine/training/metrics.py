@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
 from pathlib import Path
@@ -55,8 +56,34 @@ def gpu_utilization(device: torch.device) -> Optional[float]:
     return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
 
 
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Keep the records of steps <= `last_step` in metrics.jsonl (a run resumed from step k
+    logs k+1 onwards again, so every step appears once); a line cut short by a crash is
+    dropped. Atomic: a temporary file renamed over the old one. Returns the records dropped."""
+    if not path.is_file():
+        return 0
+    text = path.read_text()
+    kept, dropped = [], 0
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+            keep = int(record["step"]) <= last_step
+        except (ValueError, TypeError, KeyError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += bool(line.strip())
+    if dropped or (text and not text.endswith("\n")):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return dropped
+
+
 class MetricsLogger:
-    """Writes on rank 0 only; other ranks hold a no-op logger."""
+    """Writes on rank 0 only; other ranks hold a no-op logger. Records after `start_step`
+    (left by a run that went further than the checkpoint resumed from) are removed first."""
 
     def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, total_steps: int, start_step: int,
                  progress_bar: bool):
@@ -67,6 +94,9 @@ class MetricsLogger:
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
+        dropped = truncate_metrics(output_dir / "metrics.jsonl", start_step)
+        if dropped:
+            log.info("metrics.jsonl: %d records after step %d removed (they are logged again)", dropped, start_step)
         self.file = open(output_dir / "metrics.jsonl", "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

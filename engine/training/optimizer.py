@@ -28,7 +28,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup + cosine to `cfg.steps`, positioned at `start_step` optimizer steps taken.
+
+    The schedule is a function of the config and the step only: a resumed run rebuilds it
+    from the *current* config (so `train.steps` or `train.lr` may change on resume: an
+    extended run follows its own schedule) instead of loading the saved scheduler state,
+    and sets the optimizer's learning rate to the value at `start_step`."""
     warmup, total, floor = cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio
 
     def factor(step: int) -> float:  # `step` = optimizer steps taken so far
@@ -37,7 +44,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    for group in optimizer.param_groups:  # the base LR is the config's, not one a checkpoint restored
+        group["initial_lr"] = cfg.lr
+    # last_epoch=start_step-1: LambdaLR's initial step lands on start_step and sets each group's lr.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_step - 1)
 
 
 def _sum_sq(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -20,24 +20,32 @@ import functools
 import gc
 import json
 import logging
+import math
+import os
 import random
+import signal
+import threading
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from engine.batch import Batch
 from engine.checkpoint import CheckpointManager
 from engine.checkpoint.weights import compose_from_init_from, initial_weights_
 from engine.comm import STATS, DistContext, all_reduce, init_distributed, shutdown
-from engine.config import Config, expand_path, resolve_layout
+from engine.config import Config, ConfigError, ensure_dir, expand_path, resolve_layout
 from engine.data.sources import build_eval_data, build_train_data, prepare_data
 from engine.data.workers import BackgroundData
 from engine.models import build_model
 from engine.models.contract import check_contract
 from engine.models.dense import token_loss_sum  # noqa: F401  (re-exported for tools and tests)
+from engine.models.omni import check_part_names
+from engine.ops.attention import get_attention_fn
 from engine.parallel import ParallelDims, parallelize
 from engine.parallel.ulysses import shard_batch
 
@@ -47,6 +55,10 @@ from .optimizer import build_optimizer, build_scheduler, clip_grad_norm_
 log = logging.getLogger(__name__)
 
 
+class TrainingDivergedError(RuntimeError):
+    """train.max_bad_steps consecutive steps had a non-finite loss or gradient norm."""
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -54,6 +66,40 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     if deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+
+
+def check_machine(cfg: Config, ctx: DistContext) -> None:
+    """What the config asks of this machine and process, checked before any data or weights are
+    built (a ConfigError naming the key otherwise): the parts' names are registered (plugins
+    imported), the attention kernel runs on this device, and the output and cache folders
+    exist or can be made."""
+    check_part_names(cfg.model)
+    get_attention_fn(cfg.model.attention_backend, ctx.device.type)
+    ensure_dir("train.output_dir", cfg.train.output_dir)
+    ensure_dir("data.cache_dir", cfg.data.cache_dir)
+
+
+def check_memory(n_params: int, shards: int, device: torch.device, cfg: Config) -> None:
+    """A model whose fp32 weights alone (one rank's shard of them) exceed the memory of this
+    rank's device is a config mistake, told before materialising it fails or the OOM killer
+    ends the process."""
+    need = 4 * n_params / shards
+    if device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, f"GPU {device}"
+    else:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # no sysconf here: nothing to compare with
+            return
+        have //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        where = "this rank's share of the machine's RAM"
+    if need > have:
+        m = cfg.model
+        raise ConfigError(f"config keys model.hidden_size={m.hidden_size}, model.num_layers={m.num_layers}, "
+                          f"model.vocab_size={m.vocab_size}, model.intermediate_size={m.intermediate_size} (and the "
+                          f"parts' sizes) make a model of {n_params:.3g} parameters whose fp32 weights alone need "
+                          f"{need / 2**30:.3g} GiB on each of {shards} shard(s), more than the {have / 2**30:.3g} GiB "
+                          f"of {where}: shrink the model or shard it over more ranks")
 
 
 class Trainer:
@@ -68,13 +114,16 @@ class Trainer:
 
     def _build(self, cfg: Config, ctx: DistContext) -> None:
         cfg = compose_from_init_from(cfg)  # a whole released model in model.init_from decides the model keys
+        check_machine(cfg, ctx)
         self.cfg = prepare_data(cfg)  # the dataset's files, and weights it makes for parts (as their init_from)
         self._build_layout()
         self.data = self._background_data()
         model = self._build_model_on_meta()
+        check_memory(self.n_params, self.dims.dp_shard * self.dims.sp if self.fsdp else 1, ctx.device, self.cfg)
         self.model = parallelize(model, self.cfg, self.dims, self.meshes, ctx.device.type)
         self.ckpt = CheckpointManager(self.output_dir, ctx, self.cfg.checkpoint.interval, self.cfg.checkpoint.enabled,
-                                      expert_mesh=self.meshes.expert_global if self.meshes else None)
+                                      expert_mesh=self.meshes.expert_global if self.meshes else None,
+                                      keep_last=self.cfg.checkpoint.keep_last, async_save=self.cfg.checkpoint.async_save)
         resume_from = self.ckpt.resolve_resume(self.cfg.checkpoint.resume)
         initial_weights_(self.model, self.cfg, ctx.device, resuming=resume_from is not None)
         if self.data is None:
@@ -125,18 +174,25 @@ class Trainer:
         return model
 
     def _resume(self, resume_from) -> None:
+        """Model, optimizer (AdamW moments and step counts), step and each rank's RNG come from
+        the checkpoint; the data position is the step (batches are a function of it); the LR
+        schedule is rebuilt from the current config at that step, so a run resumed with more
+        train.steps follows the longer schedule (the saved scheduler state is not loaded)."""
         self.step = 0
+        self.bad_steps = 0  # consecutive skipped (non-finite) steps
+        self.sigterm = False  # set by the SIGTERM handler of fit()
+        self.stop_requested = False  # some rank got SIGTERM: all save and leave at this step boundary
         if resume_from is not None:
             state = self.ckpt.load(resume_from, self.model, self.optimizer, self.trainer_state())
             self.step = int(state["step"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            self.scheduler = build_scheduler(self.optimizer, self.cfg.train, start_step=self.step)
             log.info("resumed from %s at step %d", resume_from, self.step)
         self.peak_flops = device_peak_flops(self.ctx.device)
         if self.peak_flops is None and self.ctx.is_main:
             log.warning("peak FLOP/s of device %s is unknown: mfu is reported as null", self.ctx.device)
 
     def trainer_state(self) -> dict:
-        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "config": json.dumps(self.cfg.to_dict())}
+        return {"step": self.step, "config": json.dumps(self.cfg.to_dict())}
 
     def prepare_batch(self, batch: Batch) -> Batch:
         """Move to the device; under SP keep this rank's sequence shard."""
@@ -224,19 +280,35 @@ class Trainer:
                 for k in keys if not k.endswith("/n") and total[f"{k}/n"] > 0}
 
     def train_step(self) -> dict:
+        """One optimizer step. A step whose loss or gradient norm is not finite on any rank is
+        skipped by every rank: no optimizer update (weights and AdamW state, its step count
+        included, stay as they were), while the LR schedule and the data position advance."""
         cfg, dev = self.cfg, self.ctx.device
         t0 = time.perf_counter()
         sums, global_counts = self.forward_backward()
         grad_norm = clip_grad_norm_(self.model, cfg.train.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         keys = list(sums)
-        totals = torch.stack([sums[k] for k in keys])
+        # One all-reduce carries the loss sums and two flags all ranks must agree on: this rank's
+        # gradient norm is not finite, and this rank got SIGTERM (the step-boundary stop request).
+        flags = torch.tensor([float(not math.isfinite(grad_norm)), float(self.sigterm)], dtype=torch.float64,
+                             device=dev)
+        totals = torch.cat([torch.stack([sums[k] for k in keys]), flags])
         all_reduce(totals, axis="world")
+        *totals, bad_norm, stop = totals.tolist()
+        skipped = bad_norm > 0 or not all(math.isfinite(t) for t in totals)
+        self.stop_requested = stop > 0
+        if skipped:
+            self.bad_steps += 1
+        else:
+            self.bad_steps = 0
+            self.optimizer.step()
+        with warnings.catch_warnings():  # a skipped first step: the scheduler steps before the optimizer
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         per_loss = {k: (t / global_counts[k] if global_counts[k] else float("nan")) if k in global_counts else t
-                    for k, t in zip(keys, totals.tolist())}
+                    for k, t in zip(keys, totals)}
         extra = {(f"loss_{k}" if k in global_counts else k): v for k, v in per_loss.items() if k != "lm"}
         moe = self.moe_metrics()
         self.step += 1
@@ -246,7 +318,8 @@ class Trainer:
         tokens = cfg.data.global_batch_size * cfg.data.seq_len
         tps = tokens / dt
         mfu = None if self.peak_flops is None else self.flops_per_token * tps / (self.peak_flops * self.ctx.world_size)
-        return {"step": self.step, "loss": per_loss["lm"], "grad_norm": grad_norm, "lr": lr, **extra,
+        return {"step": self.step, "loss": per_loss["lm"], "grad_norm": grad_norm, "lr": lr,
+                "skipped": skipped, "bad_steps": self.bad_steps, **extra,
                 "tokens": tokens, "target_tokens": int(global_counts["lm"]), "padding_tokens": self.padding_tokens,
                 "padding_frac": self.padding_tokens / tokens, "data_skipped": self.data.skipped_counts(),
                 "tokens_per_s": tps, "mfu": mfu,
@@ -261,6 +334,7 @@ class Trainer:
         logger = MetricsLogger(self.output_dir, self.ctx.is_main, cfg.train.tensorboard, total, self.step,
                                cfg.train.progress_bar)
         records = []
+        previous_handler = self._catch_sigterm()
         try:
             while self.step < total:
                 STATS.reset()
@@ -270,16 +344,65 @@ class Trainer:
                 if self.eval_data is not None and every and (self.step % every == 0 or self.step == total):
                     record.update(self.evaluate())
                 records.append(record)
-                if record["step"] % cfg.train.log_interval == 0 or record["step"] == total:
+                if self.ckpt.should_save(self.step, total) or (self.stop_requested and self.ckpt.enabled):
+                    t_save = time.perf_counter()
+                    self.save_checkpoint()
+                    record["save_s"] = time.perf_counter() - t_save  # the step's checkpoint stall
+                if record["step"] % cfg.train.log_interval == 0 or record["step"] == total or record["skipped"]:
                     logger.log(record)
-                if self.ckpt.should_save(self.step, total):
-                    self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state())
+                if self.bad_steps >= cfg.train.max_bad_steps:
+                    raise TrainingDivergedError(
+                        f"training diverged: steps {self.step - self.bad_steps + 1}-{self.step} (the last "
+                        f"train.max_bad_steps={cfg.train.max_bad_steps}) had a non-finite loss or gradient norm and "
+                        "were skipped; no checkpoint was written from them: resume from the last checkpoint with a "
+                        "lower train.lr, more train.warmup_steps or train.grad_clip > 0")
+                if self.stop_requested:
+                    if self.ctx.is_main:
+                        log.warning("SIGTERM: stopped at step %d of %d%s; run again to resume", self.step, total,
+                                    " after a checkpoint" if self.ckpt.enabled else " (checkpoint.enabled=false)")
+                    break
+            self.ckpt.finish()  # an asynchronous save still in flight is complete before fit returns
         finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
             logger.close()
         return records
 
+    def save_checkpoint(self) -> None:
+        """Save at this step unless its state is not one to resume from: a skipped (non-finite)
+        step, or weights that are not finite on some rank; the previous checkpoint stays the latest."""
+        if self.bad_steps or not self.weights_finite():
+            if self.ctx.is_main:
+                log.warning("step %d: no checkpoint written (non-finite loss, gradients or weights)", self.step)
+            return
+        self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state())
+
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Whether every rank's parameters (its shards) are all finite."""
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters()]
+        bad = torch.stack([~torch.isfinite(t).all() for t in local]).any().double().reshape(1)
+        all_reduce(bad, axis="world")
+        return bad.item() == 0
+
+    def _catch_sigterm(self):
+        """From here until fit() returns, SIGTERM (what Slurm and Kubernetes send before they
+        kill; torchrun forwards it to its workers) sets a flag; at the next step boundary all
+        ranks learn of it (train_step's all-reduce), save a checkpoint and leave fit() cleanly.
+        Returns the previous handler (None off the main thread, where none can be installed)."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def request_stop(signum, frame):
+            self.sigterm = True
+
+        previous = signal.signal(signal.SIGTERM, request_stop)
+        return previous if previous is not None else signal.SIG_DFL
+
     def close(self) -> None:
         self.close_data()
+        if getattr(self, "ckpt", None) is not None:
+            self.ckpt.finish(raise_errors=False)  # after an error in fit: no save left running
         # Dropping model and optimizer before tearing down the group avoids gloo aborts at exit.
         self.model = self.optimizer = self.scheduler = None
         gc.collect()
