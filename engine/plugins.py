@@ -13,6 +13,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from engine.config import ConfigError
+
 
 def load_plugins(paths: list[str], key: str = "model.plugins") -> None:
     """Import each plugin once; `key` names the config key in errors."""
@@ -20,7 +22,8 @@ def load_plugins(paths: list[str], key: str = "model.plugins") -> None:
         path = Path(item)
         if item.endswith(".py"):
             if not path.is_file():
-                raise ValueError(f"{key}: file {item!r} does not exist; give a path to a .py file or a module")
+                raise ConfigError(f"config key '{key}': file {item!r} does not exist; give a path to a .py file or a "
+                                  "module")
             name = f"omni_plugin_{path.stem}"
             if name not in sys.modules:
                 spec = importlib.util.spec_from_file_location(name, path)
@@ -34,6 +37,6 @@ def load_plugins(paths: list[str], key: str = "model.plugins") -> None:
         else:
             try:
                 importlib.import_module(item)
-            except ImportError as e:
-                raise ValueError(f"{key}: cannot import {item!r} ({e}); check the module name and that its "
-                                 "package is installed") from None
+            except (ImportError, ValueError, TypeError) as e:  # not found, '' or a relative name
+                raise ConfigError(f"config key '{key}': cannot import {item!r} ({e}); check the module name and that "
+                                  "its package is installed") from None

@@ -67,6 +67,31 @@ BAD = [
     (["--train.lr"], 1, ["--train.lr", "VALUE"]),
     (["stray"], 1, ["stray", "--section.key=value"]),
     (["--model.rope_scaling=3"], 1, ["model.rope_scaling", "dict"]),
+    # numbers torch or numpy would reject late (or never): NaN, inf, out-of-range, absurd sizes
+    (["--train.lr=nan"], 1, ["train.lr", "finite", "nan"]),
+    (["--train.lr=inf"], 1, ["train.lr", "finite", "inf"]),
+    (["--train.weight_decay=-.inf"], 1, ["train.weight_decay", "finite"]),
+    (["--train.beta2=1.0"], 1, ["train.beta2", "[0, 1)", "1.0"]),
+    (["--train.seed=-1"], 1, ["train.seed", "-1"]),
+    (["--model.rope_theta=0"], 1, ["model.rope_theta", "> 0"]),
+    (["--model.head_dim=-2"], 1, ["model.head_dim", "-2"]),
+    (["--train.steps=1e30"], 1, ["train.steps", "int"]),
+    (["--train.steps=1000000000000000000000000000000"], 1, ["train.steps", "64-bit"]),
+    (["--model.num_layers=100000000"], 1, ["model.num_layers", "4096"]),
+    (["--model.hidden_size=1099511627776"], 1, ["model.hidden_size", "parameters"]),
+    (["--data.num_workers=100000"], 1, ["data.num_workers", "100000"]),
+    (["--data.global_batch_size=1099511627776"], 1, ["data.global_batch_size", "tokens per step"]),
+    # folders that are files, or empty
+    (["--train.output_dir="], 1, ["train.output_dir", "empty"]),
+    (["--data.cache_dir=/dev/null"], 1, ["data.cache_dir", "/dev/null", "not a directory"]),
+    (["--train.output_dir=/dev/null/run"], 1, ["train.output_dir", "/dev/null", "not a directory"]),
+    # the engine's own keys of part specs (the parts' options are checked where they are built)
+    (["--model.encoders=[{depth: 2}]"], 1, ["model.encoders[0]", "name"]),
+    (["--model.encoders=[{name: vision}, {name: vision}]"], 1, ["model.encoders[1]", "vision", "once"]),
+    (["--model.decoders=[{name: image_vq, recipe: replicate}]"], 1, ["model.decoders[0].recipe", "fsdp"]),
+    (["--model.decoders=[{name: image_vq, loss_weight: .nan}]"], 1, ["model.decoders[0].loss_weight", "nan"]),
+    (["--model.encoders=[{name: vision, freeze: maybe}]"], 1, ["model.encoders[0].freeze", "bool", "maybe"]),
+    (["--model.encoders=[{name: vision, placeholder: 99999}]"], 1, ["model.encoders[0].placeholder", "99999"]),
 ]
 
 

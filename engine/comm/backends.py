@@ -76,13 +76,16 @@ def init_distributed(backend: str = "auto", device: str = "auto", fake_world_siz
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend not in BACKENDS:
-        raise ValueError(f"parallel.backend={backend!r} is not registered; choose one of {sorted(BACKENDS)} or auto")
+        raise ConfigError(f"config key 'parallel.backend' is {backend!r}, which is not registered; choose one of "
+                          f"{', '.join(sorted(BACKENDS))} or auto")
     if backend == "nccl" and dev.type != "cuda":
-        raise ValueError("parallel.backend=nccl needs CUDA devices; use parallel.backend=gloo on CPU")
+        raise ConfigError(f"config key 'parallel.backend' is nccl, which needs CUDA devices, but the device is "
+                          f"{dev.type}; use --parallel.backend=gloo (or auto) on CPU")
     if backend == "fake":
         rank, world, local = fake_rank, fake_world_size, 0
         if not 0 <= rank < world:
-            raise ValueError(f"parallel.fake_rank={rank} must be in [0, parallel.fake_world_size={world})")
+            raise ConfigError(f"config key 'parallel.fake_rank'={rank} must be in [0, parallel.fake_world_size="
+                              f"{world})")
     else:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))

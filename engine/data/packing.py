@@ -31,6 +31,7 @@ from engine.ops.attention import cu_seqlens_from_doc_ids  # noqa: F401  (re-expo
 from engine.data.cache import build_once
 from engine.data.corpus import load_documents
 from engine.batch import IGNORE_INDEX, Batch
+from engine.config import ConfigError
 from engine.data.token_shards import ConcatArray
 from engine.data.tokenizer import Tokenizer
 
@@ -87,8 +88,8 @@ class PackedTextDataset:
         if seq_len < 1:
             raise ValueError(f"seq_len={seq_len} must be positive")
         if len(tokens) < seq_len + 1:
-            raise ValueError(
-                f"the corpus has {len(tokens)} tokens, fewer than one sequence of "
+            raise ConfigError(
+                f"config key 'data.seq_len'={seq_len}: the corpus has {len(tokens)} tokens, fewer than one sequence of "
                 f"seq_len + 1 = {seq_len + 1}; lower data.seq_len"
             )
         if seed < 0:

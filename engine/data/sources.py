@@ -16,7 +16,7 @@ from .packing import PackedTextDataset, micro_batches
 from .source import DataSource, DatasetEntry, get_dataset, register_dataset
 from .synthetic_omni import SyntheticOmniData
 from .text_dataset import build_text_dataset
-from .tokenizer import VocabularyUnreachableError
+from .tokenizer import TOKENIZER_KINDS, VocabularyUnreachableError
 from .user_data import UserData, build_user_data
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,10 @@ def text_stream(cfg: Config) -> tuple[PackedTextDataset, object]:
     """The Shakespeare token stream and the text tokenizer (`data.tokenizer`, sized to the
     model's text ids), as every built-in dataset uses them; for plugins too."""
     n_text = text_vocab_size(cfg.model)
+    if cfg.data.tokenizer not in TOKENIZER_KINDS:
+        raise ConfigError(f"config key 'data.tokenizer'={cfg.data.tokenizer!r}: data.dataset={cfg.data.dataset} trains "
+                          f"its own tokenizer on its corpus; use {' or '.join(TOKENIZER_KINDS)} (a tokenizer path is "
+                          "for data.dataset=text or conversations)")
     try:
         return build_text_dataset(expand_path(cfg.data.cache_dir), n_text, cfg.data.seq_len, cfg.train.seed,
                                   cfg.data.tokenizer)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from engine.tensor_files import TensorFiles, model_files
 from engine.tensor_match import check_tensors
 
-from .base import Encoder
+from .base import Encoder, check_depths, check_sizes
 from .registry import register_encoder
 
 SAMPLE_RATE = 16000
@@ -180,14 +180,13 @@ class AudioEncoder(Encoder):
                  pool_stride: int = 2, dropout: float = 0.0, attention_dropout: float = 0.0,
                  activation_dropout: float = 0.0):
         super().__init__()
+        check_depths("audio", encoder_layers=encoder_layers)
+        check_sizes("audio", num_mel_bins=num_mel_bins, d_model=d_model,
+                    encoder_attention_heads=encoder_attention_heads, encoder_ffn_dim=encoder_ffn_dim,
+                    max_source_positions=max_source_positions, pool_stride=pool_stride)
         if d_model % encoder_attention_heads:
             raise ValueError(f"d_model={d_model} must be divisible by "
                              f"encoder_attention_heads={encoder_attention_heads}")
-        if pool_stride < 1:
-            raise ValueError(f"pool_stride={pool_stride} must be >= 1 (1 disables pooling)")
-        if min(num_mel_bins, d_model, encoder_layers, encoder_ffn_dim, max_source_positions) < 1:
-            raise ValueError("num_mel_bins, d_model, encoder_layers, encoder_ffn_dim and max_source_positions "
-                             "must be >= 1")
         self.num_mel_bins, self.d_model, self.out_dim = num_mel_bins, d_model, d_model
         self.max_source_positions, self.pool_stride, self.dropout = max_source_positions, pool_stride, dropout
         self.max_frames = 2 * max_source_positions

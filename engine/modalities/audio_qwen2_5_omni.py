@@ -21,8 +21,9 @@ Payload keys (as the Whisper-style `audio` part's, see engine/modalities/audio.p
 
 A clip of L valid frames yields `((L - 1) // 2 + 1) // 2` tokens, which is transformers'
 `_get_feat_extract_output_lengths` and the count of audio tokens `Qwen2_5OmniProcessor` puts in
-the text for a clip of L frames (its `feature_attention_mask.sum()`; note that its feature
-extractor counts `ceil(samples / 160)` frames, `log_mel` `samples // 160`). `lm_encode` returns
+the text for a clip of L frames (its `feature_attention_mask.sum()`: its feature extractor
+counts `ceil(samples / 160)` frames, as media conversations' clips do, engine/data/media.py;
+`log_mel` alone gives `samples // 160`). `lm_encode` returns
 the tokens of all clips concatenated in clip order, as the thinker's `get_audio_features`.
 """
 
@@ -42,7 +43,7 @@ from engine.tensor_files import TensorFiles
 from engine.tensor_match import check_tensors
 
 from .audio import SAMPLE_RATE, AudioEncoder, WhisperEncoderLayer, log_mel, sinusoids
-from .base import Encoder
+from .base import Encoder, check_depths, check_sizes
 from .registry import register_encoder
 
 _HF_OPTIONS = ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
@@ -68,10 +69,10 @@ class Qwen2_5OmniAudioEncoder(Encoder):
                  encoder_attention_heads: int = 20, encoder_ffn_dim: int = 5120, max_source_positions: int = 1500,
                  n_window: int = 100, output_dim: int = 3584, max_frames: int = 3000):
         super().__init__()
-        if min(num_mel_bins, d_model, encoder_layers, encoder_attention_heads, encoder_ffn_dim, max_source_positions,
-               n_window, output_dim) < 1:
-            raise ValueError("qwen2_5_omni_audio: num_mel_bins, d_model, encoder_layers, encoder_attention_heads, "
-                             "encoder_ffn_dim, max_source_positions, n_window and output_dim must be >= 1")
+        check_depths("qwen2_5_omni_audio", encoder_layers=encoder_layers)
+        check_sizes("qwen2_5_omni_audio", num_mel_bins=num_mel_bins, d_model=d_model,
+                    encoder_attention_heads=encoder_attention_heads, encoder_ffn_dim=encoder_ffn_dim,
+                    max_source_positions=max_source_positions, n_window=n_window, output_dim=output_dim)
         if d_model % encoder_attention_heads or d_model % 2:
             raise ValueError(f"qwen2_5_omni_audio: d_model={d_model} must be even and divisible by "
                              f"encoder_attention_heads={encoder_attention_heads}")

@@ -14,6 +14,33 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from engine.config import MAX_LAYERS, ConfigError
+
+
+class PartOptionError(ConfigError):
+    """A part option with a bad value. `option` names it, so that the build can name the
+    config key (`model.encoders[i].<option>`); the message says the fix."""
+
+    def __init__(self, part: str, option: str, problem: str):
+        super().__init__(f"{part}: {option} {problem}")
+        self.option, self.problem = option, problem
+
+
+def check_sizes(part: str, **sizes: int) -> None:
+    """Raise PartOptionError for the first of `sizes` (option name -> value) below 1."""
+    for option, value in sizes.items():
+        if value < 1:
+            raise PartOptionError(part, option, f"must be >= 1, got {value}")
+
+
+def check_depths(part: str, **depths: int) -> None:
+    """Raise PartOptionError for the first of `depths` (counts of layers or blocks) outside
+    [1, MAX_LAYERS]: a typo such as 10**8 would otherwise exhaust memory building modules."""
+    check_sizes(part, **depths)
+    for option, value in depths.items():
+        if value > MAX_LAYERS:
+            raise PartOptionError(part, option, f"must be at most {MAX_LAYERS} (layers), got {value}")
+
 
 class Encoder(nn.Module):
     """Base class of registered encoders. Subclasses set `out_dim` (width of lm_encode's

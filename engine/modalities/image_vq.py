@@ -15,6 +15,7 @@ minutes at most), for users who train tiny models from scratch.
 
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from engine.tensor_files import TensorFiles
 
-from .base import Decoder
+from .base import Decoder, PartOptionError, check_depths, check_sizes
 from .registry import register_decoder
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -282,9 +283,19 @@ class ImageVQDecoder(Decoder):
                  hidden_act: str = "gelu", hidden_in: int = 64, train_vqvae: bool = False):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
-        mult = tuple(int(m) for m in channel_multiplier)
-        if not mult:
-            raise ValueError("image_vq: channel_multiplier must name at least one level, e.g. [1, 1, 2]")
+        check_depths("image_vq", num_res_blocks=num_res_blocks, num_hidden_layers=num_hidden_layers)
+        check_sizes("image_vq", embed_dim=embed_dim, num_embeddings=num_embeddings, latent_channels=latent_channels,
+                    in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
+                    image_size=image_size, projection_dim=projection_dim, hidden_in=hidden_in)
+        if not 0 <= dropout < 1:
+            raise PartOptionError("image_vq", "dropout", f"must be in [0, 1), got {dropout}")
+        mult = tuple(channel_multiplier)
+        if not all(isinstance(m, numbers.Integral) and not isinstance(m, bool) and m >= 1 for m in mult):
+            raise PartOptionError("image_vq", "channel_multiplier", f"must be positive integers, got {list(mult)}")
+        mult = tuple(int(m) for m in mult)
+        if not 1 <= len(mult) <= 16:
+            raise PartOptionError("image_vq", "channel_multiplier", f"must name 1 to 16 levels, e.g. [1, 1, 2], got "
+                                  f"{list(mult)}")
         factor = 2 ** (len(mult) - 1)
         for name, ch in [("base_channels", base_channels)] + [(f"base_channels*channel_multiplier[{i}]",
                                                               base_channels * m) for i, m in enumerate(mult)]:
@@ -296,14 +307,6 @@ class ImageVQDecoder(Decoder):
                              f"2**(len(channel_multiplier)-1) = {factor}")
         if hidden_act not in _ACTIVATIONS:
             raise ValueError(f"image_vq: hidden_act {hidden_act!r} is not one of {sorted(_ACTIVATIONS)}")
-        if num_hidden_layers < 1:
-            raise ValueError(f"image_vq: num_hidden_layers = {num_hidden_layers} must be >= 1")
-        for name, v in [("embed_dim", embed_dim), ("num_embeddings", num_embeddings),
-                        ("latent_channels", latent_channels), ("in_channels", in_channels),
-                        ("out_channels", out_channels), ("num_res_blocks", num_res_blocks),
-                        ("projection_dim", projection_dim), ("hidden_in", hidden_in)]:
-            if v <= 0:
-                raise ValueError(f"image_vq: {name} = {v} must be positive")
 
         self.in_channels, self.out_channels, self.image_size = in_channels, out_channels, image_size
         self.grid = (image_size // factor, image_size // factor)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, TypeVar
 
+from engine.config import ConfigError
+
 from .base import Decoder, Encoder
 
 ENCODERS: dict[str, type[Encoder]] = {}
@@ -31,13 +33,13 @@ def register_decoder(name: str):
 
 def get_encoder(name: str) -> type[Encoder]:
     if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; registered encoders: {', '.join(sorted(ENCODERS)) or 'none'} "
-                         "(register one with @register_encoder, and import its module via model.plugins)")
+        raise ConfigError(f"unknown encoder {name!r}; registered encoders: {', '.join(sorted(ENCODERS)) or 'none'} "
+                          "(register one with @register_encoder, and import its module via model.plugins)")
     return ENCODERS[name]
 
 
 def get_decoder(name: str) -> type[Decoder]:
     if name not in DECODERS:
-        raise ValueError(f"unknown decoder {name!r}; registered decoders: {', '.join(sorted(DECODERS)) or 'none'} "
-                         "(register one with @register_decoder, and import its module via model.plugins)")
+        raise ConfigError(f"unknown decoder {name!r}; registered decoders: {', '.join(sorted(DECODERS)) or 'none'} "
+                          "(register one with @register_decoder, and import its module via model.plugins)")
     return DECODERS[name]

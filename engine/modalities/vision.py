@@ -33,7 +33,7 @@ from engine.tensor_files import TensorFiles
 
 from engine.tensor_match import check_tensors
 
-from .base import Encoder
+from .base import Encoder, PartOptionError, check_depths, check_sizes
 from .registry import register_encoder
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -232,15 +232,18 @@ class VisionEncoder(Encoder):
                  spatial_merge_size: int = 2, hidden_act: str = "quick_gelu", hidden_size: int = 64,
                  rope_theta: float = 10000.0):
         super().__init__()
+        check_depths("vision", depth=depth)
+        check_sizes("vision", embed_dim=embed_dim, num_heads=num_heads, hidden_size=hidden_size,
+                    patch_size=patch_size, temporal_patch_size=temporal_patch_size,
+                    spatial_merge_size=spatial_merge_size, in_channels=in_channels)
+        for option, value in (("mlp_ratio", mlp_ratio), ("rope_theta", rope_theta)):
+            if not value > 0:
+                raise PartOptionError("vision", option, f"must be > 0, got {value}")
         if embed_dim % num_heads or (embed_dim // num_heads) % 4:
             raise ValueError(f"vision: embed_dim={embed_dim} must be num_heads={num_heads} x a head_dim divisible "
                              "by 4 (the 2-D rotary embedding splits each head in four)")
         if hidden_act not in _ACTIVATIONS:
             raise ValueError(f"vision: hidden_act={hidden_act!r} is not one of {', '.join(_ACTIVATIONS)}")
-        for name, value in (("depth", depth), ("patch_size", patch_size), ("temporal_patch_size", temporal_patch_size),
-                            ("spatial_merge_size", spatial_merge_size), ("in_channels", in_channels)):
-            if value < 1:
-                raise ValueError(f"vision: {name} must be >= 1, got {value}")
         self.depth, self.embed_dim, self.num_heads, self.mlp_ratio = depth, embed_dim, num_heads, mlp_ratio
         self.in_channels, self.patch_size, self.temporal_patch_size = in_channels, patch_size, temporal_patch_size
         self.spatial_merge_size, self.hidden_act, self.hidden_size = spatial_merge_size, hidden_act, hidden_size

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from engine.tensor_files import TensorFiles
 from engine.tensor_match import check_tensors
 
-from .base import Encoder
+from .base import Encoder, check_depths, check_sizes
 from .registry import register_encoder
 from .vision import (_ACTIVATIONS, PatchEmbed, PatchMerger, VisionAttention, VisionEncoder, VisionSegments,
                      patch_positions, vision_rope)
@@ -169,16 +169,15 @@ class Qwen2_5VisionEncoder(Encoder):
                  tokens_per_second: Optional[float] = None):
         super().__init__()
         name = "qwen2_5_vision"
+        check_depths(name, depth=depth)
+        check_sizes(name, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size,
+                    temporal_patch_size=temporal_patch_size, spatial_merge_size=spatial_merge_size,
+                    in_channels=in_channels, intermediate_size=intermediate_size, out_hidden_size=out_hidden_size)
         if hidden_size % num_heads or (hidden_size // num_heads) % 4:
             raise ValueError(f"{name}: hidden_size={hidden_size} must be num_heads={num_heads} x a head_dim divisible "
                              "by 4 (the 2-D rotary embedding splits each head in four)")
         if hidden_act not in _ACTIVATIONS:
             raise ValueError(f"{name}: hidden_act={hidden_act!r} is not one of {', '.join(_ACTIVATIONS)}")
-        for key, value in (("depth", depth), ("patch_size", patch_size), ("temporal_patch_size", temporal_patch_size),
-                           ("spatial_merge_size", spatial_merge_size), ("in_channels", in_channels),
-                           ("intermediate_size", intermediate_size), ("out_hidden_size", out_hidden_size)):
-            if value < 1:
-                raise ValueError(f"{name}: {key} must be >= 1, got {value}")
         if window_size < patch_size * spatial_merge_size:
             raise ValueError(f"{name}: window_size={window_size} (pixels) must be at least patch_size x "
                              f"spatial_merge_size = {patch_size * spatial_merge_size}")

@@ -15,6 +15,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from engine.config import ConfigError
+
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "AttentionMeta"], torch.Tensor]
 
 
@@ -136,7 +138,7 @@ def get_attention_fn(backend: str, device_type: str) -> AttentionFn:
         else:
             return auto_cpu_attention
     if backend == "flash_attn" and not flash_attn_available():
-        raise ValueError("model.attention_backend=flash_attn needs the flash-attn package and a CUDA device; "
-                         "install the [gpu] extra or use model.attention_backend=sdpa")
+        raise ConfigError("config key 'model.attention_backend' is flash_attn, which needs the flash-attn package "
+                          "and a CUDA device; install the [gpu] extra or use --model.attention_backend=sdpa (or auto)")
     return {"sdpa": sdpa_attention, "sdpa_doc": sdpa_by_document, "eager": eager_attention,
             "flash_attn": flash_attention}[backend]

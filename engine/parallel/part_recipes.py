@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-RECIPES = ("fsdp", "replicate")
+from engine.config import PART_RECIPES as RECIPES
+from engine.config import ConfigError
 
 
 def part_recipes(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
@@ -28,11 +29,14 @@ def part_recipes(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     units, replicated = [], []
     for name, part in model.parts().items():
         recipe = model.specs[name].get("recipe", "fsdp")
+        kind, i = model._where[name]
         if recipe not in RECIPES:
-            raise ValueError(f"part {name!r}: recipe {recipe!r} is unknown; use one of {', '.join(RECIPES)}")
+            raise ConfigError(f"config key 'model.{kind}[{i}].recipe' ({name}): recipe {recipe!r} is unknown; use "
+                              f"one of {', '.join(RECIPES)}")
         if name in model.decoders:
             if recipe != "fsdp":
-                raise ValueError(f"part {name!r}: decoders support only recipe fsdp (they run in the root FSDP unit)")
+                raise ConfigError(f"config key 'model.{kind}[{i}].recipe' ({name}): decoders support only recipe fsdp "
+                                  "(they run in the root FSDP unit)")
             continue
         (units if recipe == "fsdp" else replicated).append(part)
     return units, replicated
