@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import glob
 import json
 import os
 import statistics
@@ -116,7 +117,18 @@ def main(argv=None) -> int:
     from engine.checkpoint.weights import compose_from_init_from
     from engine.config import load_config
 
-    cfg = compose_from_init_from(load_config(args.config, []))
+    try:
+        cfg = compose_from_init_from(load_config(args.config, []))
+        paths = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path] if cfg.data.path else []
+        missing = [p for p in paths if not glob.glob(str(p))]
+        if missing:
+            raise ValueError(f"data.path={missing[0]} does not exist: make the example's files with "
+                             "`python -m omni_datasets.omni_digits.conversations --out data/sft_omni`")
+        if args.train_steps < 2 or args.steps < 1:
+            raise ValueError("--train-steps must be >= 2 (the first step is left out) and --steps >= 1")
+    except ValueError as e:  # ConfigError, a bad init_from folder, missing files: one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     report = {"config": args.config, "machine": machine(), "loader": [], "training": []}
     for w in args.workers:
         report["loader"].append(loader(cfg, w, args.steps))
