@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.models.omni import build_part
+from engine.models.part_specs import build_part
 from engine.modalities import call_part, log_mel
 from engine.modalities.audio_qwen2_5_omni import Qwen2_5OmniAudioEncoder as Ours
 from engine.modalities.registry import get_encoder

@@ -12,7 +12,7 @@ from engine.modalities.base import call_part
 from engine.modalities.registry import get_encoder
 from engine.modalities.vision import block_diagonal_sdpa
 from engine.modalities.vision_qwen2_5 import Qwen2_5VisionEncoder, window_order
-from engine.models.omni import build_part
+from engine.models.part_specs import build_part
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniVisionEncoder  # noqa: E402

@@ -11,7 +11,8 @@ from engine.config import ModelConfig
 from .contract import TrainableModel
 from .dense import DenseTransformer
 from .moe import MoETransformer
-from .omni import RESERVED_KEYS, OmniModel, PartLayout, part_layout, placeholder_ids, text_vocab_size
+from .omni import OmniModel, PartLayout, part_layout, placeholder_ids, text_vocab_size
+from .part_specs import RESERVED_KEYS
 
 __all__ = ["BACKBONES", "RESERVED_KEYS", "DenseTransformer", "MoETransformer", "OmniModel", "PartLayout",
            "TrainableModel", "build_backbone", "build_model", "part_layout", "placeholder_ids", "text_vocab_size"]

@@ -44,7 +44,7 @@ from engine.data.workers import BackgroundData
 from engine.models import build_model
 from engine.models.contract import check_contract
 from engine.models.dense import token_loss_sum  # noqa: F401  (re-exported for tools and tests)
-from engine.models.omni import check_part_names
+from engine.models.part_specs import check_part_names
 from engine.ops.attention import get_attention_fn
 from engine.parallel import ParallelDims, parallelize
 from engine.parallel.ulysses import shard_batch
@@ -105,7 +105,7 @@ def check_memory(n_params: int, shards: int, device: torch.device, cfg: Config) 
 class Trainer:
     def __init__(self, cfg: Config, ctx: DistContext):
         self.ctx = ctx
-        self.data = None
+        self.data = self.ckpt = None  # set by the build; close() runs after a failed build too
         try:
             self._build(cfg, ctx)
         except BaseException:
@@ -133,7 +133,6 @@ class Trainer:
         self.eval_data = build_eval_data(self.cfg)
         self.eval_rows = self.eval_data.num_rows() if self.eval_data is not None else 0
         self.optimizer = build_optimizer(self.model, self.cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.train)
         self._resume(resume_from)
 
     # ---- build stages ------------------------------------------------------------------
@@ -185,8 +184,8 @@ class Trainer:
         if resume_from is not None:
             state = self.ckpt.load(resume_from, self.model, self.optimizer, self.trainer_state())
             self.step = int(state["step"])
-            self.scheduler = build_scheduler(self.optimizer, self.cfg.train, start_step=self.step)
             log.info("resumed from %s at step %d", resume_from, self.step)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.train, start_step=self.step)
         self.peak_flops = device_peak_flops(self.ctx.device)
         if self.peak_flops is None and self.ctx.is_main:
             log.warning("peak FLOP/s of device %s is unknown: mfu is reported as null", self.ctx.device)
@@ -401,7 +400,7 @@ class Trainer:
 
     def close(self) -> None:
         self.close_data()
-        if getattr(self, "ckpt", None) is not None:
+        if self.ckpt is not None:
             self.ckpt.finish(raise_errors=False)  # after an error in fit: no save left running
         # Dropping model and optimizer before tearing down the group avoids gloo aborts at exit.
         self.model = self.optimizer = self.scheduler = None
