@@ -19,8 +19,8 @@ load on a shared machine hits every variant alike; ratios use medians. Losses of
 variants are reported too: they start from the same weights and see the same batches, so
 they must agree (that is the "same math" check).
 
-    python tools/bench_train.py                       # default shape, writes docs/bench_train.json
-    python tools/bench_train.py --hidden 512 --layers 8 --steps 30 --out /tmp/b.json
+    python -m benchmarks.bench_train                       # default shape, writes docs/bench_train.json
+    python -m benchmarks.bench_train --hidden 512 --layers 8 --steps 30 --out /tmp/b.json
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,21 +35,17 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-sys.path.insert(0, str(ROOT / "tools"))
-from machine_info import cpu_model, save_report  # noqa: E402
-
-import torch  # noqa: E402
-
-from engine.config import Config, expand_path, resolve_layout, validate  # noqa: E402
-from engine.data import build_text_dataset  # noqa: E402
-from engine.data.packing import micro_batches  # noqa: E402
-from engine.models import build_backbone  # noqa: E402
-from engine.parallel import ParallelDims, materialize, parallelize  # noqa: E402
-from engine.training.optimizer import build_optimizer, build_scheduler, clip_grad_norm_  # noqa: E402
-from engine.training.trainer import token_loss_sum  # noqa: E402
+from benchmarks.common import ROOT, command, machine, peak_rss_mib, save_report
+from benchmarks.common import load_average as load_averages
+from engine.config import Config, expand_path, resolve_layout, validate
+from engine.data import build_text_dataset
+from engine.data.packing import micro_batches
+from engine.models import build_backbone
+from engine.parallel import ParallelDims, materialize, parallelize
+from engine.training.optimizer import build_optimizer, build_scheduler, clip_grad_norm_
+from engine.training.trainer import token_loss_sum
 
 VARIANTS = ("ours", "ours+compile", "hf", "hf+compile")
 
@@ -226,15 +220,6 @@ def build_variants(args, names: list[str]) -> dict:
 # --------------------------------------------------------------- measurement
 
 
-def machine() -> dict:
-    cpu = cpu_model("unknown")
-    import transformers
-
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "platform": platform.platform()}
-
-
 def cpu_jiffies() -> tuple[int, int] | None:
     """(busy, total) jiffies of the whole machine, to estimate load from other processes."""
     try:
@@ -246,10 +231,9 @@ def cpu_jiffies() -> tuple[int, int] | None:
 
 
 def load_average() -> float | None:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
+    """The 1-minute load average."""
+    loads = load_averages()
+    return loads[0] if loads else None
 
 
 def wait_idle(seconds: float, max_load: float) -> float | None:
@@ -271,18 +255,6 @@ def summarize(times: list[float], cpu: list[float], tokens: int) -> dict:
             "step_s_all": times, "cpu_s_all": cpu}
 
 
-def peak_rss_mib() -> float:
-    """High-water RSS of this process image. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
-    from the parent across fork + exec, so a child would report the (bigger) parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_probe(args) -> None:
     """Child process: build one variant, train a few steps, print its peak RSS (MiB)."""
     torch.set_num_threads(args.threads)
@@ -297,11 +269,11 @@ def run_probe(args) -> None:
 
 
 def probe_memory(args, name: str) -> dict:
-    argv = [sys.executable, __file__, "--probe", name, "--steps", "2", "--warmup", "1"]
+    argv = [sys.executable, "-m", "benchmarks.bench_train", "--probe", name, "--steps", "2", "--warmup", "1"]
     for key in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "seq_len", "batch", "rope_theta",
                 "attention", "threads", "seed", "cache_dir"):
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=ROOT)
     if proc.returncode != 0:
         return {"peak_rss_mib": None, "error": proc.stderr[-500:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -405,7 +377,7 @@ def main(argv=None) -> dict:
 
     report = {
         "benchmark": "train step throughput, engine vs transformers LlamaForCausalLM",
-        "command": "python tools/bench_train.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.bench_train " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": info,
         "shape": {k: getattr(args, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab",
                                                  "seq_len", "batch", "rope_theta", "attention")},

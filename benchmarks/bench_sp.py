@@ -9,7 +9,7 @@
    counters of every run are kept in the JSON to show it.
 2. Sequence scaling. The longest sequence (multiple of --step) whose one
    `Trainer.forward_backward()` keeps the per-rank peak of live tensor bytes
-   (`tools/bench_sp_mem.py`, a TorchDispatchMode tracker) within --budget-mib, at sp 1, 2, 4.
+   (`benchmarks/live_bytes.py`, a TorchDispatchMode tracker) within --budget-mib, at sp 1, 2, 4.
    The search runs in one process per sp: plain for sp 1, and for sp > 1 as rank 0 of the
    engine's `fake` backend (torch's FakeProcessGroup: same shapes and allocations, no
    traffic), so that a probe over the budget stops at once. The lengths found are then
@@ -19,8 +19,8 @@
    flash-attn varlen, NOT the same math for packed rows) at sp x the sp-1 length.
 3. Step time, sync vs async Ulysses, sp 2 on CPU/gloo (--time-seq; 0 skips).
 
-    python tools/bench_sp.py                      # writes docs/bench_sp.json
-    python tools/bench_sp.py --budget-mib 2048 --out /tmp/bench_sp.json
+    python -m benchmarks.bench_sp                      # writes docs/bench_sp.json
+    python -m benchmarks.bench_sp --budget-mib 2048 --out /tmp/bench_sp.json
 """
 
 from __future__ import annotations
@@ -28,20 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import ROOT, command, machine, save_report, table
 
-sys.path.insert(0, str(ROOT / "tools"))
-from machine_info import cpu_model  # noqa: E402
-
-WORKER = str(ROOT / "tools" / "bench_sp_worker.py")
+WORKER = "benchmarks.bench_sp_worker"
 MIB = 2**20
 
 
@@ -87,10 +82,10 @@ def launch(mode: str, nproc: int, args: dict, timeout: int, distributed: bool, o
     """Run the worker (under torch.distributed.run when `distributed`); return its BENCH_SP records."""
     with tempfile.TemporaryDirectory(prefix="bench_sp_") as results:
         payload = json.dumps({**args, "results_dir": results})
-        cmd = [sys.executable, WORKER, mode, payload]
+        cmd = [sys.executable, "-m", WORKER, mode, payload]
         if distributed:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   WORKER, mode, payload]
+                   "-m", WORKER, mode, payload]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.get("threads", 1)), "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
         records = [json.loads(line) for f in sorted(Path(results).glob("rank*.jsonl"))
@@ -100,13 +95,6 @@ def launch(mode: str, nproc: int, args: dict, timeout: int, distributed: bool, o
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
         raise RuntimeError(f"{mode} worker (nproc={nproc}) failed with exit code {proc.returncode}")
     return records
-
-
-def machine() -> dict:
-    cpu = cpu_model(platform.processor())
-    import torch
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "loadavg_at_start": os.getloadavg()[0], "gpu": "none (sync vs async step time on GPU: not measured)"}
 
 
 def model_args(a: argparse.Namespace) -> dict:
@@ -202,13 +190,6 @@ def bench_time(a: argparse.Namespace) -> list[dict]:
 # -------------------------------------------------------------------------------- report
 
 
-def table(headers: list[str], rows: list[list]) -> str:
-    cells = [headers] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])
-
-
 def comm_table(rows: list[dict]) -> str:
     return table(["sp", "mode", "heads/kv", "dtype", "fwd B/layer", "bwd B/layer", "analytic B/layer", "fwd ratio",
                   "bwd ratio", "a2a calls/layer"],
@@ -235,7 +216,8 @@ def scaling_table(sc: dict) -> str:
 def main(argv=None) -> None:
     a = parse_args(argv)
     t0 = time.perf_counter()
-    out = {"machine": machine(), "command": "python tools/bench_sp.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    out = {"machine": machine(gpu_note="sync vs async step time on GPU: not measured"),
+           "command": command("bench_sp", argv)}
     if "comm" not in a.skip:
         out["comm"] = bench_comm(a)
         print(f"\nUlysses all-to-all bytes sent by one rank per attention layer (seq {a.comm_seq}, batch 1)")
@@ -256,8 +238,7 @@ def main(argv=None) -> None:
               "GPU: not measured (no GPU in this session)")
         print(table(["mode", "median step s"], [[r["mode"], f"{r['median_step_s']:.3f}"] for r in out["time"]]))
     out["total_seconds"] = time.perf_counter() - t0
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    save_report(out, Path(a.out))
     print(f"\nwrote {a.out} in {out['total_seconds']:.0f} s")
 
 

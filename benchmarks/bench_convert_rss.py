@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Peak RSS of `convert_hf_checkpoint.py import/export` on a multi-shard checkpoint (run by hand).
 
-    python tools/bench_convert_rss.py [--workdir /tmp/rss] [--hidden 1024 --layers 12 --vocab 32000]
-    python tools/bench_convert_rss.py --family qwen2-vl --workdir /tmp/rss_vl
+    python -m benchmarks.bench_convert_rss [--workdir /tmp/rss] [--hidden 1024 --layers 12 --vocab 32000]
+    python -m benchmarks.bench_convert_rss --family qwen2-vl --workdir /tmp/rss_vl
 
 Qwen2-VL (`--family qwen2-vl`) has no import step (init_from reads the release): it measures
 loading the release into a 2-rank FSDP model (each rank reads its rows) and export
@@ -24,7 +24,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, table
 
 _STATUS = """
     def status(key):
@@ -36,7 +36,6 @@ _STATUS = """
 # Runs in a fresh process: imports, records the baseline, resets the peak, converts, reports.
 _MEASURE = textwrap.dedent("""
     import json, sys
-    sys.path.insert(0, {root!r})
     import torch, safetensors.torch
     import torch.distributed.checkpoint
     from engine.checkpoint.convert import export_hf, import_hf
@@ -52,7 +51,6 @@ _MEASURE = textwrap.dedent("""
 # loading weights ({load}, returning bytes read) with its own shards paged in; then {after}.
 _FSDP_LOAD = textwrap.dedent("""
     import json, sys
-    sys.path.insert(0, {root!r})
     from pathlib import Path
     import torch, torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -94,7 +92,7 @@ _QWEN2_VL = dict(setup="from engine.checkpoint import qwen2_vl; from engine.mode
 
 
 def fsdp_load_code(parts: dict, **values) -> str:
-    return _FSDP_LOAD.format(root=str(ROOT), **{k: v.format(**values) for k, v in parts.items()})
+    return _FSDP_LOAD.format(**{k: v.format(**values) for k, v in parts.items()})
 
 
 def run_python(code: str, nproc: int = 1) -> list[dict]:
@@ -139,7 +137,7 @@ def qwen2_vl_main(args) -> None:
                     key=lambda r: r["rank"]):
         rows.append((f"init_from load, FSDP rank {r['rank']}/2 (read {r['read'] / mb:.0f} MB)", biggest, r))
     call = f"export_hf({str(hf)!r}, {str(exp)!r}, max_shard_size=parse_size({args.shard!r}))"
-    rows.append(("export release -> release", biggest, run_python(_MEASURE.format(root=str(ROOT), call=call))[0]))
+    rows.append(("export release -> release", biggest, run_python(_MEASURE.format(call=call))[0]))
     print(f"Qwen2-VL: {total / mb:.0f} MB in {len(list(hf.glob('*.safetensors')))} safetensors shards "
           f"(largest {biggest / mb:.0f} MB)")
     report(rows, work)
@@ -147,13 +145,13 @@ def qwen2_vl_main(args) -> None:
 
 def report(rows, work: Path) -> None:
     mb = 1e6
-    print(f"{'step':44s} {'baseline MB':>12s} {'peak MB':>9s} {'peak-base':>10s} {'largest input':>14s} {'ratio':>6s}")
-    out = []
+    out, cells = [], []
     for name, biggest, r in rows:
         delta = r["peak"] - r["baseline"]
-        print(f"{name:44s} {r['baseline'] / mb:12.0f} {r['peak'] / mb:9.0f} {delta / mb:10.0f} {biggest / mb:14.0f} "
-              f"{delta / biggest:6.2f}")
+        cells.append([name, f"{r['baseline'] / mb:.0f}", f"{r['peak'] / mb:.0f}", f"{delta / mb:.0f}",
+                      f"{biggest / mb:.0f}", f"{delta / biggest:.2f}"])
         out.append({"step": name, "baseline_bytes": r["baseline"], "peak_bytes": r["peak"], "largest_input_bytes": biggest})
+    print(table(["step", "baseline MB", "peak MB", "peak-base", "largest input", "ratio"], cells, align="lrrrrr"))
     (work / "rss.json").write_text(json.dumps(out, indent=2))
 
 
@@ -182,7 +180,7 @@ def main() -> None:
         """))
     mb = 1e6
     rows = []
-    r = run_python(_MEASURE.format(root=str(ROOT), call=f"import_hf({str(hf)!r}, {str(imp)!r})"))[0]
+    r = run_python(_MEASURE.format(call=f"import_hf({str(hf)!r}, {str(imp)!r})"))[0]
     rows.append(("import", largest(hf, "*.safetensors"), r))
     ranks = run_python(fsdp_load_code(_LLAMA, hf=str(hf), out=str(dcp_dir)), nproc=2)
     for r in sorted(ranks, key=lambda r: r["rank"]):
@@ -190,7 +188,7 @@ def main() -> None:
     (work / "config.yaml").write_text((imp / "config.yaml").read_text())
     call = (f"export_hf({str(dcp_dir)!r}, {str(exp)!r}, config={str(work / 'config.yaml')!r}, "
             f"max_shard_size=parse_size({args.shard!r}))")
-    r = run_python(_MEASURE.format(root=str(ROOT), call=call))[0]
+    r = run_python(_MEASURE.format(call=call))[0]
     rows.append(("export (DCP, 2 files)", largest(dcp_dir, "*.distcp"), r))
     total = sum(p.stat().st_size for p in hf.glob("*.safetensors"))
     print(f"model: {total / mb:.0f} MB in {len(list(hf.glob('*.safetensors')))} safetensors shards "

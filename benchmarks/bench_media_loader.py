@@ -13,8 +13,8 @@ For `--config` (default examples/configs/sft_omni.yaml, on the files of
   data.num_workers=0, 1, 2: median `tokens_per_s` of metrics.jsonl after the first step and the
   wall time, so the cost of decoding inside the step and what workers win back both show.
 
-    python tools/bench_media_loader.py                      # writes docs/bench_media_loader.json
-    python tools/bench_media_loader.py --steps 10 --train-steps 10 --out /tmp/b.json   # quick
+    python -m benchmarks.bench_media_loader                      # writes docs/bench_media_loader.json
+    python -m benchmarks.bench_media_loader --steps 10 --train-steps 10 --out /tmp/b.json   # quick
 """
 
 from __future__ import annotations
@@ -31,12 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-from bench_data import fmt, machine, table  # noqa: E402  (the shared report helpers)
-from machine_info import save_report  # noqa: E402
+from benchmarks.common import ROOT, command, fmt, machine, save_report, table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -129,7 +124,7 @@ def main(argv=None) -> int:
     except ValueError as e:  # ConfigError, a bad init_from folder, missing files: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = {"config": args.config, "machine": machine(), "loader": [], "training": []}
+    report = {"command": command("bench_media_loader", argv), "config": args.config, "machine": machine(), "loader": [], "training": []}
     for w in args.workers:
         report["loader"].append(loader(cfg, w, args.steps))
         save_report(report, Path(args.out))

@@ -27,9 +27,9 @@ the JSON report as soon as it finishes, so a crash keeps the parts before it.
   a subprocess, median of metrics.jsonl `tokens_per_s` after the first step). Reports
   loader tokens/s / training tokens/s (the loader must be far ahead: >= `--min-loader-ratio`).
 
-    python tools/bench_data.py                               # full run, writes docs/bench_data.json
-    python tools/bench_data.py --quick --out /tmp/bench_data_quick.json     # smoke run, < 1 min
-    python tools/bench_data.py --parts memory --large-gb 4 --tmp-dir /scratch --out /tmp/m.json
+    python -m benchmarks.bench_data                               # full run, writes docs/bench_data.json
+    python -m benchmarks.bench_data --quick --out /tmp/bench_data_quick.json     # smoke run, < 1 min
+    python -m benchmarks.bench_data --parts memory --large-gb 4 --tmp-dir /scratch --out /tmp/m.json
 
 Exit status 1 when a check fails (the report is written first).
 """
@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import shutil
@@ -53,11 +52,8 @@ from pathlib import Path
 
 # Top-level imports stay light (stdlib only): prepare's spawned workers import this module
 # as __mp_main__, and should do no more work than tools/prepare_data.py's workers do.
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-from machine_info import save_report  # noqa: E402  (stdlib only)
+from benchmarks.common import ROOT, command, fmt, load_average, save_report, table  # stdlib only
+from benchmarks.common import machine as common_machine
 
 PARTS = ("prepare", "memory", "loader")
 MiB = 1 << 20
@@ -129,19 +125,9 @@ def proc_status() -> dict[str, float]:
     return out
 
 
-def load_average() -> list[float] | None:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except (OSError, ValueError):
-        return None
-
-
 def machine() -> dict:
     import numpy
     import tokenizers
-    import torch
-    import transformers
-    from machine_info import cpu_model
 
     mem = None
     try:
@@ -150,25 +136,8 @@ def machine() -> dict:
                 mem = round(int(line.split()[1]) / (1 << 20), 1)
     except (OSError, ValueError):
         pass
-    return {"cpu": cpu_model("unknown"), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "mem_total_gib": mem, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-            "numpy": numpy.__version__, "platform": platform.platform(),
-            "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM")}
-
-
-def table(header: list[str], rows: list[list], align: str) -> str:
-    """A markdown table; align: one of 'l' / 'r' per column."""
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def fmt(x, digits=0) -> str:
-    if x is None:
-        return "-"
-    return f"{x:,.{digits}f}"
+    return common_machine(mem_total_gib=mem, tokenizers=tokenizers.__version__, numpy=numpy.__version__,
+                          TOKENIZERS_PARALLELISM=os.environ.get("TOKENIZERS_PARALLELISM"))
 
 
 # ------------------------------------------------------------ shared materials
@@ -274,8 +243,7 @@ def same_folders(a: Path, b: Path, chunk: int = 1 << 23) -> dict:
 def worker_startup_s(spec) -> float:
     """Wall time of what one spawned prepare worker does before its first unit: start Python,
     import engine.data.tokenize_corpus, load the tokenizer (alone, on an otherwise idle machine)."""
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
-            "from engine.data.tokenize_corpus import EncodeSpec, _init_worker\n"
+    code = ("from engine.data.tokenize_corpus import EncodeSpec, _init_worker\n"
             f"_init_worker(EncodeSpec(kind={spec.kind!r}, tokenizer={spec.tokenizer!r}))\n")
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
@@ -390,7 +358,7 @@ def run_memory_probe(args) -> None:
 
 
 def probe_memory(args, folder: Path) -> dict:
-    argv = [sys.executable, str(Path(__file__).resolve()), "--probe-memory", str(folder),
+    argv = [sys.executable, "-m", "benchmarks.bench_data", "--probe-memory", str(folder),
             "--memory-steps", str(args.memory_steps), "--memory-seq-len", str(args.memory_seq_len),
             "--memory-batch", str(args.memory_batch)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800, cwd=ROOT, check=False)
@@ -586,7 +554,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     work = Path(tempfile.mkdtemp(prefix="bench_data_", dir=args.tmp_dir))
     report = {"benchmark": "user-data pipeline: prepare throughput, reader memory, loader vs training step",
-              "command": "python tools/bench_data.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "command": command("bench_data", argv),
               "machine": info, "load_average_before": load_before, "quick": args.quick,
               "settings": {k: v for k, v in vars(args).items() if k not in ("probe_memory", "out")},
               "scratch": str(work), "status": "running", "parts": {}, "failures": []}

@@ -16,9 +16,9 @@
    engine's per-expert loop fallback, `expert_ffn` forward + backward, one process. With
    --device cuda it runs on a GPU (not run in the CPU session that wrote docs/bench_moe.json).
 
-    python tools/bench_moe.py                          # all three, writes docs/bench_moe.json
-    python tools/bench_moe.py --skip time --out /tmp/bench_moe.json
-    python tools/bench_moe.py --only gemm --device cuda --out /tmp/bench_moe_gpu.json
+    python -m benchmarks.bench_moe                          # all three, writes docs/bench_moe.json
+    python -m benchmarks.bench_moe --skip time --out /tmp/bench_moe.json
+    python -m benchmarks.bench_moe --only gemm --device cuda --out /tmp/bench_moe_gpu.json
 """
 
 from __future__ import annotations
@@ -26,18 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-sys.path.insert(0, str(ROOT / "tools"))
-from machine_info import cpu_model  # noqa: E402
+from benchmarks.common import ROOT, command, machine, save_report, table
 
 TAG = "BENCH_MOE "
 PARTS = ("volume", "time", "gemm")
@@ -124,7 +119,7 @@ def worker(args) -> None:
     rank, ep = ctx.rank, ctx.world_size
     dtype = getattr(torch, args.dtype)
     hidden, inter = args.hidden, args.moe_intermediate
-    ep_mesh, _ = build_ep_meshes("cpu", 1, ep, ep)
+    ep_mesh = build_ep_meshes("cpu", 1, ep, ep)[0]
     key = ("all_to_all", "ep")
     count_bytes = [0]
     original = expert_parallel.AllToAllDispatcher._exchange_counts
@@ -206,7 +201,7 @@ def worker(args) -> None:
 # ------------------------------------------------------------------------------ plumbing
 def launch(args, mode: str, nproc: int, extra: list[str]) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(Path(__file__).resolve()), "--worker", mode, "--hidden", str(args.hidden),
+           "-m", "benchmarks.bench_moe", "--worker", mode, "--hidden", str(args.hidden),
            "--moe-intermediate", str(args.moe_intermediate), "--experts", str(args.experts),
            "--top-k", str(args.top_k), "--seq", str(args.seq), "--batch", str(args.batch),
            "--chunks", str(args.chunks), "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -216,14 +211,6 @@ def launch(args, mode: str, nproc: int, extra: list[str]) -> list[dict]:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return [json.loads(line[len(TAG):]) for line in proc.stdout.splitlines() if line.startswith(TAG)]
-
-
-def table(title: str, header: list[str], rows: list[list]) -> str:
-    cells = [header] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"
-    out = [f"\n{title}", line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    return "\n".join(out + [line(r) for r in cells[1:]])
 
 
 def bench_volume(args) -> tuple[list[dict], str]:
@@ -243,12 +230,13 @@ def bench_volume(args) -> tuple[list[dict], str]:
                              f"{r0['remote_out']}/{r0['remote_in']}", r0["fwd_bytes"], r0["analytic_fwd"],
                              r0["bwd_bytes"], r0["analytic_bwd"], f"{r0['ratio_fwd']:.4f}", f"{r0['ratio_bwd']:.4f}",
                              f"{worst:.1e}", r0["count_bytes_fwd"], r0["count_bytes_bwd"]])
-    text = table(f"EP all-to-all bytes sent by rank 0 (MoE hidden {args.hidden}, {args.experts} experts, top-{args.top_k}, "
+    text = table(title=f"EP all-to-all bytes sent by rank 0 (MoE hidden {args.hidden}, {args.experts} experts, top-{args.top_k}, "
                  f"{args.batch}x{args.seq} tokens per rank); counts = the per-expert count exchange, not in the "
                  "token bytes",
-                 ["ep", "dispatcher", "dtype", "copies", "remote out/in", "fwd bytes", "analytic fwd", "bwd bytes",
-                  "analytic bwd", "ratio fwd", "ratio bwd", "max |ratio-1| all ranks", "counts fwd", "counts bwd"],
-                 rows)
+                 header=["ep", "dispatcher", "dtype", "copies", "remote out/in", "fwd bytes", "analytic fwd",
+                         "bwd bytes", "analytic bwd", "ratio fwd", "ratio bwd", "max abs(ratio-1) all ranks",
+                         "counts fwd", "counts bwd"],
+                 rows=rows)
     return results, text
 
 
@@ -273,11 +261,11 @@ def bench_time(args) -> tuple[list[dict], str]:
                          f"{o['median_ms']:.2f} ({o['chunks']} chunks)", f"{r['median_ms'] / o['median_ms']:.2f}x",
                          " ".join(f"{v:.1f}" for v in r["launch_medians_ms"]),
                          " ".join(f"{v:.1f}" for v in o["launch_medians_ms"])])
-    text = table(f"MoE layer forward+backward, ms (median over {args.repeats} launches of the per-launch median of "
+    text = table(title=f"MoE layer forward+backward, ms (median over {args.repeats} launches of the per-launch median of "
                  f"{args.steps} steps, max over ranks; {args.experts} experts, top-{args.top_k}, "
                  f"{args.batch}x{args.seq} tokens per rank, fp32, gloo, {args.threads} thread(s) per rank)",
-                 ["ep", "hidden/inter", "plain", "overlapped", "plain/overlapped", "plain per launch",
-                  "overlap per launch"], rows)
+                 header=["ep", "hidden/inter", "plain", "overlapped", "plain/overlapped", "plain per launch",
+                         "overlap per launch"], rows=rows)
     return results, text
 
 
@@ -306,7 +294,7 @@ def bench_gemm(args) -> tuple[list[dict], str]:
             out = {}
             key = (device.type, dtype)
             ops._GROUPED_OK.pop(key, None)
-            engine_choice = "grouped" if ops._grouped_mm_ok(x0) else "loop"  # what grouped_mm would pick
+            engine_choice = "grouped" if ops._use_grouped_kernel(x0, w1.transpose(1, 2)) else "loop"  # what grouped_mm would pick
             for path in ("grouped", "loop"):
                 # Each path forced through the engine's own switch (the probe is bypassed: see the docs).
                 ops._GROUPED_OK[key] = path == "grouped"
@@ -338,22 +326,11 @@ def bench_gemm(args) -> tuple[list[dict], str]:
             results.append(rec)
             rows.append([device.type, f"{hidden}/{inter}", dtype_name, rows_n, f"{tg:.2f}", f"{tl:.2f}",
                          f"{tl / tg:.2f}x", f"{rec['max_abs_diff_out']:.1e}", engine_choice])
-    text = table(f"expert_ffn forward+backward, ms (median of {args.gemm_reps}; {args.experts} experts, "
+    text = table(title=f"expert_ffn forward+backward, ms (median of {args.gemm_reps}; {args.experts} experts, "
                  f"{args.gemm_tokens} tokens x top-{args.top_k}, uneven loads, {args.threads} thread(s))",
-                 ["device", "hidden/inter", "dtype", "rows", "grouped_mm", "per-expert loop", "loop/grouped",
-                  "max |diff| out", "engine picks"], rows)
+                 header=["device", "hidden/inter", "dtype", "rows", "grouped_mm", "per-expert loop", "loop/grouped",
+                         "max abs diff out", "engine picks"], rows=rows)
     return results, text
-
-
-def machine() -> dict:
-    import torch
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "processor": platform.processor(), "cpu_model": cpu_model()}
-    info["loadavg_start"] = os.getloadavg()
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def main(argv=None) -> int:
@@ -362,7 +339,7 @@ def main(argv=None) -> int:
         worker(args)
         return 0
     parts = [p for p in (args.only or PARTS) if p not in args.skip]
-    report = {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k not in ("worker", "dtype")}}
+    report = {"command": command("bench_moe", argv), "machine": machine(), "args": {k: v for k, v in vars(args).items() if k not in ("worker", "dtype")}}
     texts = []
     for part, fn in (("volume", bench_volume), ("time", bench_time), ("gemm", bench_gemm)):
         if part in parts:
@@ -373,8 +350,7 @@ def main(argv=None) -> int:
             report.setdefault("seconds", {})[part] = round(time.time() - t0, 1)
     report["machine"]["loadavg_end"] = os.getloadavg()
     report["tables"] = texts
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    save_report(report, Path(args.out))
     print(f"\nwrote {args.out}")
     return 0
 

@@ -1,9 +1,9 @@
-"""One process of `tools/bench_sp.py` (plain for sp 1, under torch.distributed.run for sp > 1).
+"""One process of `python -m benchmarks.bench_sp` (plain for sp 1, under torch.distributed.run for sp > 1).
 
-    python tools/bench_sp_worker.py comm JSON_ARGS   # all-to-all bytes per layer, fwd and bwd
-    python tools/bench_sp_worker.py mem  JSON_ARGS   # peak live tensor bytes of one fwd+bwd step (every rank)
-    python tools/bench_sp_worker.py search JSON_ARGS # longest sequence within a budget (one process)
-    python tools/bench_sp_worker.py time JSON_ARGS   # median step time, sync vs async
+    python -m benchmarks.bench_sp_worker comm JSON_ARGS   # all-to-all bytes per layer, fwd and bwd
+    python -m benchmarks.bench_sp_worker mem  JSON_ARGS   # peak live tensor bytes of one fwd+bwd step (every rank)
+    python -m benchmarks.bench_sp_worker search JSON_ARGS # longest sequence within a budget (one process)
+    python -m benchmarks.bench_sp_worker time JSON_ARGS   # median step time, sync vs async
 
 Every mode prints one line `BENCH_SP {json}` per result on each rank, and appends it to
 `<results_dir>/rank<r>.jsonl` when the arguments name a results_dir (what the parent reads:
@@ -25,19 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from engine.comm import STATS, init_distributed, shutdown  # noqa: E402
-from engine.config import Config, validate  # noqa: E402
-from engine.data.packing import micro_batches  # noqa: E402
-from engine.training.trainer import Trainer, token_loss_sum  # noqa: E402
-
-from bench_sp_mem import LiveBytes  # noqa: E402
+from benchmarks.live_bytes import LiveBytes
+from engine.comm import STATS, init_distributed, shutdown
+from engine.config import Config, validate
+from engine.data.packing import micro_batches
+from engine.training.trainer import Trainer, token_loss_sum
 
 OUT_DIR = tempfile.mkdtemp(prefix="bench_sp_")  # train.output_dir (nothing is saved); removed at exit
 atexit.register(shutil.rmtree, OUT_DIR, ignore_errors=True)

@@ -11,8 +11,8 @@ training ends), and so is the first step (warm-up). `after_save_s` is the median
 after a save: an asynchronous write runs in a background thread, which competes with
 training for the CPU cores; the mean step time with saves included sums it all up.
 
-    python tools/bench_checkpoint_stall.py                 # writes docs/bench_checkpoint_stall.json
-    python tools/bench_checkpoint_stall.py --nproc 1 --steps 20 --out /tmp/stall.json
+    python -m benchmarks.bench_checkpoint_stall                 # writes docs/bench_checkpoint_stall.json
+    python -m benchmarks.bench_checkpoint_stall --nproc 1 --steps 20 --out /tmp/stall.json
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-from machine_info import cpu_model, save_report  # noqa: E402
+from benchmarks.common import ROOT, command, machine, save_report, table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,14 +89,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rows: list[dict] = []
     report = {
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": sys.version.split()[0]},
-        "command": "python tools/bench_checkpoint_stall.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine(),
+        "command": command("bench_checkpoint_stall", argv),
         "model": {"hidden_size": args.hidden, "num_layers": args.layers, "intermediate_size": args.intermediate,
                   "num_heads": args.heads, "num_kv_heads": args.kv_heads}, "global_batch_size": args.batch,
         "steps": args.steps, "interval": args.interval, "runs": rows}
-    import torch
-
-    report["machine"]["torch"] = torch.__version__
     with tempfile.TemporaryDirectory() as tmp:
         for nproc in (int(n) for n in args.nproc.split(",")):
             for async_save in (False, True):
@@ -112,11 +107,11 @@ def main(argv=None) -> int:
           f"a save every {args.interval}")
     head = ("procs", "mode", "ckpt MB", "step s", "save stall s (median / max)", "step after a save s",
             "mean s per step, saves included", "wall s")
-    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for r in rows:
-        after = "-" if r["after_save_s"] is None else f"{r['after_save_s']:.3f}"
-        print(f"| {r['nproc']} | {r['mode']} | {r['checkpoint_mb']:.0f} | {r['step_s']:.3f} | {r['save_s']:.3f} / "
-              f"{r['save_s_max']:.3f} | {after} | {r['mean_step_with_saves_s']:.3f} | {r['wall_s']:.1f} |")
+    print(table(head, [[r["nproc"], r["mode"], f"{r['checkpoint_mb']:.0f}", f"{r['step_s']:.3f}",
+                        f"{r['save_s']:.3f} / {r['save_s_max']:.3f}",
+                        "-" if r["after_save_s"] is None else f"{r['after_save_s']:.3f}",
+                        f"{r['mean_step_with_saves_s']:.3f}", f"{r['wall_s']:.1f}"] for r in rows],
+                align="ll" + "r" * 6))
     for nproc in sorted({r["nproc"] for r in rows}):
         sync, asyn = (next(r for r in rows if r["nproc"] == nproc and r["mode"] == m) for m in ("sync", "async"))
         print(f"{nproc} proc: a save stalls training {sync['save_s'] / asyn['save_s']:.1f}x shorter with async_save")
