@@ -26,6 +26,7 @@ they must agree (that is the "same math" check).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -44,6 +45,7 @@ from engine.data import build_text_dataset
 from engine.data.packing import micro_batches
 from engine.models import build_backbone
 from engine.parallel import ParallelDims, materialize, parallelize
+from engine.training.metrics import compute_precision, device_peak_flops
 from engine.training.optimizer import build_optimizer, build_scheduler, clip_grad_norm_
 from engine.training.trainer import token_loss_sum
 
@@ -70,6 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "packed: both also get position_ids restarting per document and mask across "
                             "documents (ours via doc_ids, HF detects packing from position_ids)")
     run = p.add_argument_group("run")
+    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    run.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                     help="bf16: fp32 weights and bf16 autocast compute on both sides (a one-process run)")
+    run.add_argument("--attention-backend", default="sdpa",
+                     help="ours' model.attention_backend (auto picks the varlen flash kernel on CUDA in bf16)")
     run.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     run.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (includes compilation)")
     run.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
@@ -97,10 +104,10 @@ def engine_config(args, compile_: bool) -> Config:
     m = cfg.model
     m.vocab_size, m.hidden_size, m.intermediate_size = args.vocab, args.hidden, args.intermediate
     m.num_layers, m.num_heads, m.num_kv_heads, m.rope_theta = args.layers, args.heads, args.kv_heads, args.rope_theta
-    m.attention_backend = "sdpa"
+    m.attention_backend = args.attention_backend
     cfg.data.seq_len, cfg.data.global_batch_size, cfg.data.cache_dir = args.seq_len, args.batch, args.cache_dir
     t = cfg.train
-    t.seed, t.steps, t.dtype, t.device, t.compile = args.seed, args.warmup + args.steps, "fp32", "cpu", compile_
+    t.seed, t.steps, t.dtype, t.device, t.compile = args.seed, args.warmup + args.steps, args.dtype, args.device, compile_
     t.warmup_steps = min(t.warmup_steps, max(1, t.steps // 4))
     validate(cfg)
     return cfg
@@ -110,8 +117,15 @@ def load_batches(cfg: Config, n: int) -> list[dict[str, torch.Tensor]]:
     """The batches of optimizer steps 0..n-1, exactly as the Trainer draws them on one rank."""
     dataset, _ = build_text_dataset(expand_path(cfg.data.cache_dir), cfg.model.vocab_size, cfg.data.seq_len,
                                     cfg.train.seed)
-    b = cfg.data.global_batch_size
-    return [micro_batches(dataset, step, b, 0, 1, b)[0] for step in range(n)]
+    b, device = cfg.data.global_batch_size, torch.device(cfg.train.device)
+    return [{k: v.to(device) for k, v in micro_batches(dataset, step, b, 0, 1, b)[0].items()} for step in range(n)]
+
+
+def autocast(cfg: Config):
+    """bf16 compute of a one-process run, as the Trainer does it (fp32 weights, autocast)."""
+    if cfg.train.dtype == "bf16":
+        return torch.autocast(cfg.train.device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class Ours:
@@ -122,8 +136,9 @@ class Ours:
         dims = ParallelDims.from_layout(resolve_layout(cfg, 1), 1)
         with torch.device("meta"):
             model = build_backbone(cfg.model)
-        self.model = parallelize(model, cfg, dims, None, "cpu")
-        materialize(self.model, torch.device("cpu"), cfg.train.seed)
+        self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
+        self.model = parallelize(model, cfg, dims, None, cfg.train.device)
+        materialize(self.model, torch.device(cfg.train.device), cfg.train.seed)
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
@@ -131,11 +146,12 @@ class Ours:
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         labels = batch["labels"]
         targets = int((labels != -100).sum())
-        if self.packed:
-            logits = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
-        else:
-            logits = self.model(batch["input_ids"])
-        loss = token_loss_sum(logits, labels)
+        with autocast(self.cfg):
+            if self.packed:
+                logits = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
+            else:
+                logits = self.model(batch["input_ids"])
+            loss = token_loss_sum(logits, labels)
         (loss / targets).backward()
         clip_grad_norm_(self.model, self.cfg.train.grad_clip)
         self.optimizer.step()
@@ -172,7 +188,8 @@ class HF:
             attention_dropout=0.0, mlp_bias=False, tie_word_embeddings=False, use_cache=False,
             hidden_act="silu", attn_implementation="sdpa", dtype=torch.float32)
         assert hf_cfg.rope_parameters["rope_theta"] == m.rope_theta
-        self.model = transformers.LlamaForCausalLM(hf_cfg).to(torch.float32)
+        self.cfg = cfg
+        self.model = transformers.LlamaForCausalLM(hf_cfg).to(device=cfg.train.device, dtype=torch.float32)
         missing, unexpected = self.model.load_state_dict(engine_to_hf_state(init_from), strict=False)
         assert not unexpected and not [k for k in missing if "rotary" not in k], (missing, unexpected)
         self.model.train()
@@ -189,7 +206,8 @@ class HF:
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         labels = batch["labels"]
         kwargs = {"position_ids": batch["position_ids"]} if self.packed else {}
-        out = self.forward(input_ids=batch["input_ids"], labels=labels, shift_labels=labels, **kwargs)
+        with autocast(self.cfg):
+            out = self.forward(input_ids=batch["input_ids"], labels=labels, shift_labels=labels, **kwargs)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
@@ -271,7 +289,7 @@ def run_probe(args) -> None:
 def probe_memory(args, name: str) -> dict:
     argv = [sys.executable, "-m", "benchmarks.bench_train", "--probe", name, "--steps", "2", "--warmup", "1"]
     for key in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "seq_len", "batch", "rope_theta",
-                "attention", "threads", "seed", "cache_dir"):
+                "attention", "threads", "seed", "cache_dir", "dtype", "attention_backend"):
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=ROOT)
     if proc.returncode != 0:
@@ -348,7 +366,12 @@ def main(argv=None) -> dict:
         r["speedup_vs_hf_paired"] = statistics.median(h / o for h, o in zip(times["hf"], times[n]))
         r["first_loss_rel_diff_vs_hf"] = abs(losses[n][0] - losses["hf"][0]) / abs(losses["hf"][0])
         r["max_rel_loss_diff_vs_hf"] = max(abs(a - b) / abs(b) for a, b in zip(losses[n], losses["hf"]))
-    if not args.no_memory:
+    if args.device == "cuda":  # MFU against the device's dense peak for this compute precision
+        peak = device_peak_flops(torch.device("cuda"), compute_precision(args.dtype, torch.backends.cuda.matmul.allow_tf32))
+        fpt = variants["ours"].flops_per_token if "ours" in variants else None
+        for n in names:
+            results[n]["mfu"] = None if peak is None or fpt is None else fpt * results[n]["tokens_per_s_median"] / peak
+    elif not args.no_memory:  # peak RSS per variant, each in a child process (CPU only)
         for n in names:
             results[n].update(probe_memory(args, n))
 
@@ -359,7 +382,7 @@ def main(argv=None) -> dict:
     print("-" * len(head))
     for n in names:
         r = results[n]
-        rss = f"{r['peak_rss_mib']:.0f}" if r.get("peak_rss_mib") else "-"
+        rss = f"{r['peak_rss_mib']:.0f}" if r.get("peak_rss_mib") else (f"mfu {r['mfu']:.1%}" if r.get("mfu") else "-")
         first = f"{r['first_step_s']:.1f}" if r["first_step_s"] is not None else "-"
         print(f"{n:<14}{r['tokens_per_s_median']:>12.0f}{r['step_s_mean'] * 1e3:>14.1f}{r['step_s_std'] * 1e3:>8.1f}"
               f"{r['step_s_median'] * 1e3:>9.1f}{r['step_s_min'] * 1e3:>8.1f}{r['speedup_vs_hf_median']:>7.2f}x"
@@ -381,7 +404,9 @@ def main(argv=None) -> dict:
         "machine": info,
         "shape": {k: getattr(args, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab",
                                                  "seq_len", "batch", "rope_theta", "attention")},
-        "params": n_params, "tokens_per_step": tokens, "dtype": "fp32",
+        "params": n_params, "tokens_per_step": tokens, "dtype": args.dtype, "device": args.device,
+        "attention_backend": args.attention_backend,
+        "peak_cuda_memory_gib_all_variants": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
         "optimizer": {"lr": cfg.train.lr, "betas": [cfg.train.beta1, cfg.train.beta2], "weight_decay":
                       cfg.train.weight_decay, "warmup_steps": cfg.train.warmup_steps, "grad_clip": cfg.train.grad_clip,
                       "ours": "torch.optim.AdamW(fused=True)", "hf": "torch.optim.AdamW() defaults"},

@@ -5,15 +5,21 @@
 #   bash tools/gpu_check.sh [OUT_DIR]          (default outputs/gpu_check)
 #   GPU_CHECK_ONLY='parity|moe' bash tools/gpu_check.sh     (only stages matching the regex)
 #
-# Needs torch with CUDA and the project's dependencies importable (the project itself is
-# put on PYTHONPATH, no install). Nothing is fetched: the data cache comes from
-# $OMNI_CACHE (default ~/.cache/omni-engine), or from .gpucache/cache.tar.xz when present
-# (a machine without network gets the cache that way; see docs/performance.md).
+# Needs torch with CUDA and the project's dependencies importable. The project is installed
+# with `pip install --no-deps -e .` (nothing fetched), and wheels the machine lacks (torchao,
+# liger-kernel) from .gpucache/wheels/*.whl when present (`--no-index --no-deps`). The data
+# cache comes from $OMNI_CACHE (default ~/.cache/omni-engine), or from .gpucache/cache.tar.xz
+# when present (a machine without network gets the cache that way; see docs/performance.md).
 #
 # Stages, in order of importance, each under its own time limit so one hang cannot eat
 # the machine's time; every stage appends {stage, rc, seconds} to stages.jsonl as it ends:
 #   env       nvidia-smi and versions
 #   tests     the gpu-marked tests
+#   kernels   MoE grouped GEMM at the 30B example's expert shapes (bf16 / fp32 / autocast) and
+#             every attention backend on a packed 8K row, with host syncs counted
+#             (benchmarks/gpu_kernels.py -> kernels.json)
+#   throughput  a ~1B dense Llama at seq 4096 in bf16: the engine vs transformers in one
+#             process, tokens/s and MFU (benchmarks/bench_train.py -> bench_train_1b.json)
 #   omni      the default omni model on CUDA in bf16 (full run), then its held-out scores
 #   parity    tiny dense / MoE / omni: first loss on CUDA fp32 and bf16 vs the CPU's
 #   moe       the tiny MoE model in bf16 with compile and activation checkpointing
@@ -33,6 +39,11 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 LOG="$OUT/gpu_check.log"
 : > "$OUT/stages.jsonl"
+# No registry is reachable on the GPU machine: install nothing that would need one.
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || echo "editable install failed (PYTHONPATH used)" | tee -a "$LOG"
+if compgen -G ".gpucache/wheels/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps .gpucache/wheels/*.whl >>"$LOG" 2>&1 || echo "wheel install failed" | tee -a "$LOG"
+fi
 
 stage() {  # stage NAME SECONDS command...
     local name="$1" limit="$2" start=$SECONDS rc
@@ -80,6 +91,10 @@ done
 
 stage env 60 env_report
 stage tests 120 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider
+stage kernels 120 "$PY" -m benchmarks.gpu_kernels --out "$OUT/kernels.json"
+stage throughput 180 "$PY" -m benchmarks.bench_train --device cuda --dtype bf16 --attention packed \
+    --attention-backend auto --hidden 2048 --layers 20 --heads 16 --kv-heads 8 --intermediate 5632 --vocab 8192 \
+    --seq-len 4096 --batch 1 --steps 10 --warmup 3 --compile off --cache-dir "$CACHE" --out "$OUT/bench_train_1b.json"
 stage omni_train 240 train omni_bf16 omni_digits --train.device=cuda --train.dtype=bf16
 stage omni_eval 120 "$PY" -m omni_datasets.omni_digits.evaluate "$RUNS/omni_bf16" --out "$RUNS/omni_bf16"
 for c in "${PARITY[@]}"; do

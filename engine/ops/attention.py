@@ -8,6 +8,7 @@ as a plain callable; the parallel layer may wrap it (Ulysses) without the model 
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -69,10 +70,11 @@ def _expand_kv(k: torch.Tensor, v: torch.Tensor, n_heads: int) -> tuple[torch.Te
 
 
 def sdpa_attention(q, k, v, meta: AttentionMeta) -> torch.Tensor:
-    k, v = _expand_kv(k, v, q.shape[1])
+    # enable_gqa lets the kernel share KV heads instead of materialising repeated copies
+    gqa = k.shape[1] != q.shape[1]
     if meta.doc_ids is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=meta.bool_mask(q.shape[2], q.device))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=meta.bool_mask(q.shape[2], q.device), enable_gqa=gqa)
 
 
 def sdpa_by_document(q, k, v, meta: AttentionMeta) -> torch.Tensor:
@@ -82,11 +84,12 @@ def sdpa_by_document(q, k, v, meta: AttentionMeta) -> torch.Tensor:
     if meta.doc_ids is None:
         return sdpa_attention(q, k, v, meta)
     b, h, s, d = q.shape
-    k, v = _expand_kv(k, v, h)
+    gqa = k.shape[1] != h
     cu, _ = meta.varlen()
-    flat = [t.transpose(1, 2).reshape(b * s, h, d) for t in (q, k, v)]
+    flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v)]
     bounds = cu.tolist()
-    outs = [F.scaled_dot_product_attention(*(t[lo:hi].transpose(0, 1)[None] for t in flat), is_causal=True)[0]
+    outs = [F.scaled_dot_product_attention(*(t[lo:hi].transpose(0, 1)[None] for t in flat), is_causal=True,
+                                           enable_gqa=gqa)[0]
             for lo, hi in zip(bounds[:-1], bounds[1:])]
     return torch.cat(outs, dim=1).reshape(h, b, s, d).transpose(0, 1)
 
@@ -110,17 +113,93 @@ def eager_attention(q, k, v, meta: AttentionMeta) -> torch.Tensor:
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
 
-def flash_attention(q, k, v, meta: AttentionMeta) -> torch.Tensor:
-    """flash-attn's varlen kernel: packed documents without materialising an S x S mask."""
-    from flash_attn import flash_attn_varlen_func  # GPU-only; imported lazily
+def make_flash_attention(dtype: torch.dtype) -> AttentionFn:
+    """flash-attn's varlen kernel (the flash-attn package): packed documents without an S x S mask."""
 
-    b, h, s, d = q.shape
-    if meta.doc_ids is None:
-        meta = AttentionMeta(doc_ids=torch.arange(b, device=q.device)[:, None].expand(b, s))
-    cu, max_len = meta.varlen()
-    flat = lambda t: t.transpose(1, 2).reshape(b * s, t.shape[1], d)  # noqa: E731
-    out = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, max_len, max_len, causal=True)
-    return out.reshape(b, s, h, d).transpose(1, 2)
+    def flash_attention(q, k, v, meta: AttentionMeta) -> torch.Tensor:
+        from flash_attn import flash_attn_varlen_func  # GPU-only; imported lazily
+
+        b, h, s, d = q.shape
+        out_dtype = v.dtype
+        q, k, v = _half(q, k, v, dtype)
+        cu, max_len = _rows_as_documents(meta, b, s, q.device).varlen()
+        flat = lambda t: t.transpose(1, 2).reshape(b * s, t.shape[1], d)  # noqa: E731
+        out = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, max_len, max_len, causal=True)
+        return out.reshape(b, s, h, d).transpose(1, 2).to(out_dtype)
+
+    return flash_attention
+
+
+def _half(q, k, v, dtype: torch.dtype):
+    """Flash kernels take fp16/bf16 only; under autocast q and k leave RoPE in fp32 while v is
+    bf16, so all three are cast to the run's compute dtype (bf16 runs only: see get_attention_fn)."""
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in (q, k, v))
+
+
+def _rows_as_documents(meta: AttentionMeta, b: int, s: int, device) -> AttentionMeta:
+    return meta if meta.doc_ids is not None else AttentionMeta(
+        doc_ids=torch.arange(b, device=device)[:, None].expand(b, s))
+
+
+def varlen_call(q, k, v, cu: torch.Tensor, max_len: int, causal: bool) -> torch.Tensor:
+    """PyTorch's own flash varlen kernel (`torch.nn.attention.varlen`, CUDA) on [T, H, D]
+    tensors. Its keywords changed between releases (torch 2.11 on the GPU machine, 2.13
+    here): causality is `window_size=(-1, 0)` where that exists, else `is_causal`; KV heads
+    are shared with `enable_gqa` where that exists, else repeated."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    kwargs = {}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kwargs["is_causal"] = causal
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+
+def make_varlen_attention(dtype: torch.dtype) -> AttentionFn:
+    """Packed documents through torch's varlen flash kernel: no S x S mask, no padding."""
+
+    def varlen_attention(q, k, v, meta: AttentionMeta) -> torch.Tensor:
+        b, h, s, d = q.shape
+        out_dtype = v.dtype
+        q, k, v = _half(q, k, v, dtype)
+        cu, max_len = _rows_as_documents(meta, b, s, q.device).varlen()
+        flat = lambda t: t.transpose(1, 2).reshape(b * s, t.shape[1], d)  # noqa: E731
+        out = varlen_call(flat(q), flat(k), flat(v), cu, max_len, causal=True)
+        return out.reshape(b, s, h, d).transpose(1, 2).to(out_dtype)
+
+    return varlen_attention
+
+
+def make_vision_varlen_attention(dtype: torch.dtype):
+    """The vision towers' kernel hook (`VisionAttention.attention_fn`: q, k, v [1, H, S, D] and
+    segments with `cu_seqlens` / `max_seqlen`) through torch's varlen flash kernel:
+    bidirectional attention within each image slice or window, no S x S block mask."""
+
+    def vision_varlen_attention(q, k, v, segments) -> torch.Tensor:
+        out_dtype = v.dtype
+        q, k, v = _half(q, k, v, dtype)
+        flat = lambda t: t[0].transpose(0, 1)  # noqa: E731  [S, H, D]
+        out = varlen_call(flat(q), flat(k), flat(v), segments.cu_seqlens.to(torch.int32), int(segments.max_seqlen),
+                          causal=False)
+        return out.transpose(0, 1)[None].to(out_dtype)
+
+    return vision_varlen_attention
+
+
+def varlen_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def flash_attn_available() -> bool:
@@ -131,14 +210,40 @@ def flash_attn_available() -> bool:
     return torch.cuda.is_available()
 
 
-def get_attention_fn(backend: str, device_type: str) -> AttentionFn:
-    if backend == "auto":
-        if device_type == "cuda":
-            backend = "flash_attn" if flash_attn_available() else "sdpa"
-        else:
-            return auto_cpu_attention
-    if backend == "flash_attn" and not flash_attn_available():
-        raise ConfigError("config key 'model.attention_backend' is flash_attn, which needs the flash-attn package "
-                          "and a CUDA device; install the [gpu] extra or use --model.attention_backend=sdpa (or auto)")
+HALF_PRECISION = {"bf16": torch.bfloat16}
+
+
+def resolve_backend(backend: str, device_type: str, dtype: str = "fp32") -> str:
+    """The kernel `auto` means here. On CUDA a bf16 run takes a flash varlen kernel (the
+    flash-attn package if installed, else torch's own); an fp32 run takes SDPA, because flash
+    kernels compute in half precision only. On CPU: masked SDPA for short rows, one call per
+    document for long ones."""
+    if backend != "auto":
+        return backend
+    if device_type != "cuda":
+        return "auto_cpu"
+    if dtype not in HALF_PRECISION:
+        return "sdpa"
+    if flash_attn_available():
+        return "flash_attn"
+    return "varlen" if varlen_available() else "sdpa"
+
+
+def get_attention_fn(backend: str, device_type: str, dtype: str = "fp32") -> AttentionFn:
+    """The attention kernel of `model.attention_backend` on this device for `train.dtype`
+    (a ConfigError when that kernel cannot run here)."""
+    backend = resolve_backend(backend, device_type, dtype)
+    key = f"config key 'model.attention_backend' is {backend}"
+    if backend in ("flash_attn", "varlen"):
+        available = flash_attn_available() if backend == "flash_attn" else varlen_available()
+        if device_type != "cuda" or not available:
+            need = "the flash-attn package and a CUDA device (the [flash] extra)" if backend == "flash_attn" \
+                else "a CUDA device and torch.nn.attention.varlen (torch >= 2.9)"
+            raise ConfigError(f"{key}, which needs {need}; use --model.attention_backend=auto (or sdpa)")
+        if dtype not in HALF_PRECISION:
+            raise ConfigError(f"{key}, whose flash kernels compute in bf16 only, but train.dtype is {dtype}; "
+                              f"use --train.dtype=bf16 or --model.attention_backend=sdpa")
+        make = make_flash_attention if backend == "flash_attn" else make_varlen_attention
+        return make(HALF_PRECISION[dtype])
     return {"sdpa": sdpa_attention, "sdpa_doc": sdpa_by_document, "eager": eager_attention,
-            "flash_attn": flash_attention}[backend]
+            "auto_cpu": auto_cpu_attention}[backend]

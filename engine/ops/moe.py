@@ -67,6 +67,22 @@ def _use_grouped_kernel(x: torch.Tensor, weight_t: torch.Tensor) -> bool:
     return ok
 
 
+def grouped_gemm_warnings(hidden: int, expert_intermediate: int, dtype: str) -> list[str]:
+    """Why a CUDA run's experts would take the per-expert loop (a host sync per layer to split
+    the rows, one small GEMM per expert) instead of `torch._grouped_mm`; empty when the fast
+    kernel applies (it also needs a Hopper-class GPU, probed at the first call)."""
+    notes = []
+    if dtype != "bf16":
+        notes.append(f"train.dtype is {dtype}: torch._grouped_mm runs bf16 only on CUDA, so the experts loop over "
+                     "experts; use --train.dtype=bf16 for the grouped GEMM")
+    odd = {k: v for k, v in (("model.hidden_size", hidden), ("model.moe_intermediate_size", expert_intermediate))
+           if v % 16}
+    if odd:
+        notes.append(f"{', '.join(f'{k}={v}' for k, v in odd.items())} not a multiple of 16: torch._grouped_mm needs "
+                     "16-byte aligned rows, so the experts loop over experts")
+    return notes
+
+
 def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     """`_run_probe` outside any compiled graph. torch.compiler.disable is applied on the first
     call, not at import: decorating imports torch._dynamo (~1.8 s), which every process that

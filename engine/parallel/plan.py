@@ -1,6 +1,6 @@
 """Apply a parallel recipe to a model built on the meta device, in a fixed order.
 
-1. attention hooks: the kernel, and the Ulysses forward when sp > 1,
+1. attention hooks: the kernel (the vision towers' too), and the Ulysses forward when sp > 1,
 2. MoE hooks: router statistics reduced over the global batch; under EP, experts sharded
    (still on meta) and the all-to-all dispatcher set,
 3. activation checkpointing per block,
@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from engine.config import Config
-from engine.ops.attention import get_attention_fn
+from engine.modalities.vision import VisionAttention
+from engine.ops.attention import HALF_PRECISION, get_attention_fn, make_vision_varlen_attention, resolve_backend
 
 from .compile import apply_compile
 from .dims import Meshes, ParallelDims
@@ -26,7 +27,13 @@ from .ulysses import apply_ulysses
 
 
 def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshes | None, device_type: str) -> nn.Module:
-    model.set_attention_fn(get_attention_fn(cfg.model.attention_backend, device_type))
+    model.set_attention_fn(get_attention_fn(cfg.model.attention_backend, device_type, cfg.train.dtype))
+    if resolve_backend(cfg.model.attention_backend, device_type, cfg.train.dtype) in ("varlen", "flash_attn"):
+        # the vision towers' per-image (per-window) attention takes the varlen kernel too
+        vision_fn = make_vision_varlen_attention(HALF_PRECISION[cfg.train.dtype])
+        for module in model.modules():
+            if isinstance(module, VisionAttention):
+                module.attention_fn = vision_fn
     if meshes is not None and dims.sp > 1:
         apply_ulysses(model.attention_modules(), meshes.sp, cfg.parallel.sp_async)
     moe_layers = model.moe_layers()

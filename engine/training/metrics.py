@@ -14,25 +14,32 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 peak FLOP/s per device (vendor data sheets, without sparsity). Devices not
-# listed get mfu=null: an invented peak would make the number meaningless.
-PEAK_BF16_FLOPS = {
-    "H100": 989e12,  # SXM; the PCIe card is lower, matched first below
-    "H100 PCIe": 756e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "B200": 2250e12,
+# Dense peak FLOP/s per device and compute precision (vendor data sheets, without sparsity):
+# bf16 tensor cores; tf32 tensor cores (fp32 runs with TF32 matmuls, the CUDA default here);
+# fp32 without tensor cores (train.tf32=false). Devices not listed get mfu=null: an invented
+# peak would make the number meaningless.
+PEAK_FLOPS = {
+    "H100": {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12},  # SXM; the PCIe card is matched first
+    "H100 PCIe": {"bf16": 756e12, "tf32": 378e12, "fp32": 51.2e12},
+    "H200": {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12},
+    "A100": {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "tf32": 183e12, "fp32": 91.6e12},
+    "B200": {"bf16": 2250e12, "tf32": 1100e12, "fp32": 80e12},
 }
 
 
-def device_peak_flops(device: torch.device) -> Optional[float]:
+def compute_precision(dtype: str, tf32: bool) -> str:
+    """Which peak a run's matmuls are measured against: bf16, or fp32 with or without TF32."""
+    return "bf16" if dtype == "bf16" else ("tf32" if tf32 else "fp32")
+
+
+def device_peak_flops(device: torch.device, precision: str = "bf16") -> Optional[float]:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
         if key in name:
-            return PEAK_BF16_FLOPS[key]
+            return PEAK_FLOPS[key].get(precision)
     return None
 
 
@@ -44,16 +51,26 @@ def memory_gb(device: torch.device) -> float:
     return kb / 2**20
 
 
+_NVML_HANDLES: dict = {}
+
+
 def gpu_utilization(device: torch.device) -> Optional[float]:
+    """Percent of the last sample period a kernel ran (nvidia-smi's figure), or None without
+    nvidia-ml-py. NVML is initialised once per process, and its device index is the physical
+    one that CUDA_VISIBLE_DEVICES maps this CUDA device to."""
     if device.type != "cuda":
         return None
     try:
         import pynvml  # nvidia-ml-py, GPU extra
-    except ImportError:
+        index = torch.cuda.current_device() if device.index is None else device.index
+        handle = _NVML_HANDLES.get(index)
+        if handle is None:
+            pynvml.nvmlInit()
+            nvml_index = torch.cuda._get_nvml_device_index(index)  # honours CUDA_VISIBLE_DEVICES
+            handle = _NVML_HANDLES[index] = pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
+        return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+    except Exception:  # no NVML library or driver, an unknown device: the metric is optional
         return None
-    pynvml.nvmlInit()
-    handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-    return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
 
 
 def truncate_metrics(path: Path, last_step: int) -> int:

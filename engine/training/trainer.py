@@ -46,10 +46,11 @@ from engine.models.contract import check_contract
 from engine.models.dense import token_loss_sum  # noqa: F401  (re-exported for tools and tests)
 from engine.models.part_specs import check_part_names
 from engine.ops.attention import get_attention_fn
+from engine.ops.moe import grouped_gemm_warnings
 from engine.parallel import ParallelDims, parallelize
 from engine.parallel.ulysses import shard_batch
 
-from .metrics import MetricsLogger, device_peak_flops, gpu_utilization, memory_gb
+from .metrics import MetricsLogger, compute_precision, device_peak_flops, gpu_utilization, memory_gb
 from .optimizer import build_optimizer, build_scheduler, clip_grad_norm_
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,18 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
+        # cuBLAS is deterministic only with a fixed workspace, read when its first handle is
+        # made (the first matmul, after this): without it use_deterministic_algorithms raises
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+
+
+def set_matmul_precision(tf32: bool) -> None:
+    """fp32 matmuls and convolutions on CUDA through TF32 tensor cores (train.tf32), or in full
+    fp32 (about 7x slower on an H100). No effect on CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def check_machine(cfg: Config, ctx: DistContext) -> None:
@@ -74,7 +85,7 @@ def check_machine(cfg: Config, ctx: DistContext) -> None:
     imported), the attention kernel runs on this device, and the output and cache folders
     exist or can be made."""
     check_part_names(cfg.model)
-    get_attention_fn(cfg.model.attention_backend, ctx.device.type)
+    get_attention_fn(cfg.model.attention_backend, ctx.device.type, cfg.train.dtype)
     ensure_dir("train.output_dir", cfg.train.output_dir)
     ensure_dir("data.cache_dir", cfg.data.cache_dir)
 
@@ -148,6 +159,7 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if use_autocast else nullcontext
         self.output_dir = expand_path(cfg.train.output_dir)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
+        set_matmul_precision(cfg.train.tf32)
 
     def _background_data(self) -> BackgroundData | None:
         """With data.num_workers: the training data built, and each step's batches computed, in
@@ -170,6 +182,10 @@ class Trainer:
         self.flops_per_token = model.flops_per_token(self.cfg.data.seq_len)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.is_moe = bool(model.moe_layers())
+        if self.is_moe and self.ctx.device.type == "cuda" and self.ctx.is_main:
+            m = self.cfg.model
+            for note in grouped_gemm_warnings(m.hidden_size, m.moe_intermediate_size, self.cfg.train.dtype):
+                log.warning("MoE experts: %s", note)
         return model
 
     def _resume(self, resume_from) -> None:
@@ -186,7 +202,7 @@ class Trainer:
             self.step = int(state["step"])
             log.info("resumed from %s at step %d", resume_from, self.step)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.train, start_step=self.step)
-        self.peak_flops = device_peak_flops(self.ctx.device)
+        self.peak_flops = device_peak_flops(self.ctx.device, compute_precision(self.cfg.train.dtype, self.cfg.train.tf32))
         if self.peak_flops is None and self.ctx.is_main:
             log.warning("peak FLOP/s of device %s is unknown: mfu is reported as null", self.ctx.device)
 
