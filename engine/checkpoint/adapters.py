@@ -15,13 +15,15 @@ translated in one place.
   Not one to one for Qwen2.5-Omni's vision tower: its separate `attn.q/k/v` tensors are one
   of our `attn.qkv` (from_hf maps each of them to it; `hf_names` gives the three, in the
   order they stack; `to_hf` raises for it).
+- `janus.JanusFamily` (Janus): the siglip encoder part, the LLaMA backbone and the image_vq
+  decoder part (engine/checkpoint/janus.py).
 """
 
 from __future__ import annotations
 
 from typing import Optional, Protocol
 
-from . import qwen2_vl
+from . import janus, qwen2_vl
 
 
 class StateDictAdapter(Protocol):
@@ -75,7 +77,8 @@ class Qwen2VLAdapter:
 
 TEXT = TextAdapter()
 ADAPTERS: dict[str, StateDictAdapter] = {**{a: TEXT for a in TextAdapter.architectures},
-                                         **{a: Qwen2VLAdapter(architecture=a) for a in qwen2_vl.FAMILIES}}
+                                         **{a: Qwen2VLAdapter(architecture=a) for a in qwen2_vl.FAMILIES},
+                                         janus.ARCHITECTURE: janus.JanusFamily()}
 
 
 def adapter_for(architecture: str) -> StateDictAdapter:

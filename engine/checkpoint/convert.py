@@ -261,7 +261,10 @@ def export_hf(src: str | Path, out_dir: str | Path, config: Optional[str] = None
     run_cfg: Optional[Config] = load_config(config) if config else None
     release = _vision_language_release(src, run_cfg)
     if release is not None:  # a whole released multimodal model: its own adapter and files
-        from . import qwen2_vl
+        from . import janus, qwen2_vl
+
+        if janus.is_janus(release):
+            return janus.export(src, Path(out_dir), release, max_shard_size, DTYPES[dtype])
 
         return qwen2_vl.export(src, Path(out_dir), release, max_shard_size, DTYPES[dtype])
     template, token_ids, tok_path = None, {}, Path(tokenizer) if tokenizer else None
@@ -325,14 +328,17 @@ def _vision_language_release(src: Path, run_cfg: Optional[Config]) -> Optional[P
     """The released Qwen2-VL / Qwen2.5-VL / Qwen2.5-Omni folder behind `src`: src itself, or the
     `model.init_from` of the run that wrote the checkpoint (from --config, else the config
     saved in it)."""
-    from . import qwen2_vl
+    from . import janus, qwen2_vl
 
-    if qwen2_vl.family_of(src):
+    def whole(folder: Path) -> bool:
+        return bool(qwen2_vl.family_of(folder)) or janus.is_janus(folder)
+
+    if whole(src):
         return src
     if not (src / ".metadata").is_file():
         return None
     cfg = run_cfg or DCPSource(src).saved_config()
     init_from = cfg.model.init_from if cfg is not None else None
-    if init_from and qwen2_vl.family_of(expand_path(init_from)):
+    if init_from and whole(expand_path(init_from)):
         return expand_path(init_from)
     return None

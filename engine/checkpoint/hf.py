@@ -52,8 +52,8 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = TextAdapter.architectures
 # Whole multimodal checkpoints (Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni's thinker and whole model):
-# load_pretrained, init_from and export through qwen2_vl.py.
-MULTIMODAL_ARCHITECTURES = tuple(FAMILIES)
+# load_pretrained, init_from and export through qwen2_vl.py; Janus through janus.py.
+MULTIMODAL_ARCHITECTURES = tuple(FAMILIES) + ("JanusForConditionalGeneration",)
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                 "Qwen3MoeForCausalLM": "qwen3_moe"}
 _ROPE_TYPES = ("default", "linear", "llama3")
@@ -546,6 +546,10 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32,
             arch = (json.loads(config.read_text()).get("architectures") or [None])[0]
         except json.JSONDecodeError:
             raise HFCheckpointError(f"{config} is not valid JSON: re-save the model") from None
+        if arch == "JanusForConditionalGeneration":
+            from . import janus
+
+            return janus.load_pretrained(Path(path), dtype, device)
         if arch in MULTIMODAL_ARCHITECTURES:
             from . import qwen2_vl
 

@@ -371,17 +371,18 @@ def _read(files: TensorFiles, keys: list[str], rows: Optional[tuple[int, int]] =
 
 
 @torch.no_grad()
-def load_weights_(model: nn.Module, folder: Path) -> int:
+def load_weights_(model: nn.Module, folder: Path, fam=None) -> int:
     """Stream the checkpoint's tensors into `model`, strictly: every parameter filled once,
     shapes checked by name. An FSDP (DTensor) parameter sharded along dim 0 reads only its own
     rows (of a parameter stacked from several tensors, Qwen2.5-Omni's attn.qkv: only the rows of
     each piece that fall in its shard); others read the full tensor and keep their shard.
-    Returns the bytes read."""
+    `fam`: the names' adapter (default: the folder's Family; Janus passes its own). Returns the
+    bytes read."""
     from engine.parallel.init import copy_full_, local_rows
 
     from .hf import clean_name
 
-    fam = family(*_read_config(folder))
+    fam = fam or family(*_read_config(folder))
     params = {clean_name(n): p for n, p in model.named_parameters()}
     files = TensorFiles(_safetensors_files(folder))
     total = 0
@@ -529,13 +530,15 @@ RELEASE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.
 
 
 def export(src: Path, out: Path, release: Path, max_shard_size: int = 5 * 10**9,
-           dtype: Optional[torch.dtype] = None) -> Path:
+           dtype: Optional[torch.dtype] = None, fam=None, cfg: Optional[ModelConfig] = None) -> Path:
     """A training checkpoint (sharded DCP, read without a process group) or a released folder of
     the family -> a folder in the release's layout: its tensor names (a stacked parameter split
     back into its tensors: Qwen2.5-Omni's attn.qkv into attn.q/k/v), safetensors shards (with an
     index when several), the release's config.json, tokenizer and processor files. A whole
     Qwen2.5-Omni release's other tensors (talker, token2wav) are copied through unchanged (their
-    dtype kept), so that the folder stays a whole model transformers loads."""
+    dtype kept), so that the folder stays a whole model transformers loads. `fam` and `cfg` (the
+    names' adapter and our model config; default: the release's Family and config_from_hf) let
+    another family (Janus) reuse this writer."""
     import shutil
 
     from .convert import DCPSource
@@ -543,8 +546,9 @@ def export(src: Path, out: Path, release: Path, max_shard_size: int = 5 * 10**9,
     from .safetensors_io import TensorSpec, read_header, shard_groups, shard_names, write_index, write_safetensors
 
     hf_config, source_name = _read_config(release)
-    fam = family(hf_config, source_name)
-    cfg, _ = config_from_hf(hf_config, source_name)
+    if fam is None:
+        fam = family(hf_config, source_name)
+        cfg, _ = config_from_hf(hf_config, source_name)
     with torch.device("meta"):
         expected = {n: tuple(p.shape) for n, p in build_model(cfg).named_parameters()}
     if (src / ".metadata").is_file():

@@ -23,7 +23,7 @@ from engine.models.omni import OmniModel
 from engine.parallel import materialize
 from engine.parallel.init import load_full_state_
 
-from . import qwen2_vl
+from . import janus, qwen2_vl
 from .hf import load_weights_
 from .manager import CheckpointError
 
@@ -35,7 +35,10 @@ def initial_weights_(model: nn.Module, cfg: Config, device: torch.device, resumi
     materialize(model, device, cfg.train.seed)
     if resuming:
         return
-    if cfg.model.init_from and qwen2_vl.family_of(expand_path(cfg.model.init_from)):  # the whole omni model
+    if cfg.model.init_from and janus.is_janus(expand_path(cfg.model.init_from)):  # the whole Janus model
+        read = janus.load_weights_(model, expand_path(cfg.model.init_from))
+        log.info("whole model from init_from=%s: this rank read %.2f MB", cfg.model.init_from, read / 1e6)
+    elif cfg.model.init_from and qwen2_vl.family_of(expand_path(cfg.model.init_from)):  # the whole omni model
         read = qwen2_vl.load_weights_(model, expand_path(cfg.model.init_from))
         log.info("whole model from init_from=%s: this rank read %.2f MB", cfg.model.init_from, read / 1e6)
     elif cfg.model.init_from:  # the backbone (inside the omni model when it has parts); each rank keeps its shards
@@ -48,8 +51,13 @@ def initial_weights_(model: nn.Module, cfg: Config, device: torch.device, resumi
 
 def compose_from_init_from(cfg: Config) -> Config:
     """The run config with the model a whole released checkpoint in `model.init_from`
-    describes (Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni's thinker or whole model: its thinker);
+    describes (Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni's thinker or whole model: its thinker; Janus);
     other configs unchanged (their init_from is checked against them)."""
+    if cfg.model.init_from and janus.is_janus(expand_path(cfg.model.init_from)):
+        cfg = copy.deepcopy(cfg)
+        cfg.model = janus.compose_model_config(cfg.model)
+        log.info("model composed from %s/config.json: %s", cfg.model.init_from, janus.ARCHITECTURE)
+        return cfg
     family = qwen2_vl.family_of(expand_path(cfg.model.init_from)) if cfg.model.init_from else None
     if family is None:
         return cfg

@@ -330,6 +330,11 @@ class ImageVQDecoder(Decoder):
     def from_hf_config(cls, config: Any, **overrides) -> "ImageVQDecoder":
         """Build from a `JanusVQVAEConfig`, a `JanusConfig` (its vq_config) or their dicts.
         `overrides` (e.g. train_vqvae) win over the config."""
+        return cls(**{**cls.options_from_hf_config(config), **overrides})
+
+    @staticmethod
+    def options_from_hf_config(config: Any) -> dict:
+        """Constructor options from a `JanusVQVAEConfig`, a `JanusConfig` (its vq_config) or their dicts."""
         if isinstance(config, Mapping):
             c = dict(config.get("vq_config", config))
         else:
@@ -339,15 +344,13 @@ class ImageVQDecoder(Decoder):
             raise ValueError("image_vq: double_latent=True is not supported (Janus's quant_conv expects "
                              "latent_channels inputs); use double_latent=False")
         mult = list(c.get("channel_multiplier", (1, 1, 2, 2, 4)))
-        kw = dict(embed_dim=c.get("embed_dim", 8), num_embeddings=c.get("num_embeddings", 16384),
-                  latent_channels=c.get("latent_channels", 256), in_channels=c.get("in_channels", 3),
-                  out_channels=c.get("out_channels", 3), base_channels=c.get("base_channels", 128),
-                  channel_multiplier=mult, num_res_blocks=c.get("num_res_blocks", 2), dropout=c.get("dropout", 0.0),
-                  image_size=c.get("num_patches", 32) * 2 ** (len(mult) - 1),
-                  projection_dim=c.get("projection_dim", 2048), num_hidden_layers=c.get("num_hidden_layers", 2),
-                  hidden_act=c.get("hidden_act", "gelu"), hidden_in=c.get("image_token_embed_dim", 2048))
-        kw.update(overrides)
-        return cls(**kw)
+        return dict(embed_dim=c.get("embed_dim", 8), num_embeddings=c.get("num_embeddings", 16384),
+                    latent_channels=c.get("latent_channels", 256), in_channels=c.get("in_channels", 3),
+                    out_channels=c.get("out_channels", 3), base_channels=c.get("base_channels", 128),
+                    channel_multiplier=mult, num_res_blocks=c.get("num_res_blocks", 2), dropout=c.get("dropout", 0.0),
+                    image_size=c.get("num_patches", 32) * 2 ** (len(mult) - 1),
+                    projection_dim=c.get("projection_dim", 2048), num_hidden_layers=c.get("num_hidden_layers", 2),
+                    hidden_act=c.get("hidden_act", "gelu"), hidden_in=c.get("image_token_embed_dim", 2048))
 
     def set_hidden_in(self, hidden: int) -> None:
         """Make the head read hidden states of width `hidden` (the omni model calls this with

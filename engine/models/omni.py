@@ -116,7 +116,13 @@ class OmniModel(nn.Module):
             else:
                 part.set_hidden_in(hidden)
                 self.decoders[name] = part
-                self.decoder_proj[name] = nn.Linear(part.embed_dim, hidden)
+                if spec.get("project", True):
+                    self.decoder_proj[name] = nn.Linear(part.embed_dim, hidden)
+                elif part.embed_dim == hidden:  # a released model (Janus) whose code embeddings speak the LM's width
+                    self.decoder_proj[name] = nn.Identity()
+                else:
+                    raise ConfigError(f"config key 'model.{kind}[{i}].project' ({name}): project=false needs the "
+                                      f"part's embedding width {part.embed_dim} to equal model.hidden_size={hidden}")
                 self.decoder_loss_weights[name] = float(spec.get("loss_weight", 1.0))
             if spec.get("freeze"):
                 part.requires_grad_(False)

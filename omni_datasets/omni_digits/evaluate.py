@@ -77,7 +77,9 @@ def embed_batch(model, batch: dict) -> torch.Tensor:
     emb = model.backbone.embed(ids)
     for name, enc in model.encoders.items():
         if name in payloads:
-            rows = model.encoder_proj[name](enc.lm_encode(payloads[name]))
+            rows = enc.lm_encode(payloads[name])
+            if name in model.encoder_proj:  # project: false (a released model's encoder) has none
+                rows = model.encoder_proj[name](rows)
             emb = model._place(emb, ids, model.ph[name], batch.ph_index, rows, name, True)
     for name, dec in model.decoders.items():
         if name in payloads:

@@ -19,7 +19,9 @@ padding token. Each micro-batch carries its `padding_tokens`.
 
 Video: each digit image is one temporal patch (its frame repeated temporal_patch_size
 times), so a k-digit video has grid (k, h, w) and its pixel patches are the k images'
-patches in a row (patchify's layout).
+patches in a row (patchify's layout). With a fixed-resolution image encoder (`siglip`,
+Janus's reader: payload [num_images, C, image_size, image_size]) an image is resized to its
+image_size and a video is its k images in a row.
 
 The image_vq tokenizer must be trained on the training images before the language model
 learns its codes: the dataset's prepare step (`vq_tokenizer.prepare`) trains it once per
@@ -109,7 +111,7 @@ class OmniDigitsData:
         self.meta = read_meta(self.root)
         self.skipped = SkipCounter(strict=strict)
         items, _ = load_split(self.root, split, strict=strict, skipped=self.skipped)
-        self.vision = self._part("vision")
+        self.vision = self._part("vision") or self._part("siglip")
         self.audio = self._part("audio")
         self.image_vq = self._part("image_vq")
         others = sorted(set(parts) - {n for n in (self.vision, self.audio, self.image_vq) if n})
@@ -143,6 +145,13 @@ class OmniDigitsData:
 
     def _prepare_vision(self) -> None:
         enc = self.parts[self.vision]
+        if not hasattr(enc, "patchify"):  # a fixed-resolution encoder: whole images of its image_size
+            self.vision_size = enc.image_size
+            self._vision_pixels = [((image_to_unit(it.data, enc.image_size) - 0.5) / 0.5)[None, None]
+                                   .expand(1, enc.num_channels, -1, -1).contiguous() for it in self.images]
+            self._vision_grid = None
+            self.vision_tokens = enc.tokens_per_image
+            return
         unit = enc.patch_size * enc.spatial_merge_size
         self.vision_size = unit * math.ceil(IMAGE_SIDE / unit)
         self._vision_pixels = []
@@ -259,7 +268,10 @@ class OmniDigitsData:
         return OmniSample(full[:-1], labels, payloads)
 
     def vision_payload(self, idx) -> dict[str, torch.Tensor]:
-        """The vision payload of images `idx`: one image (t = 1) or a video (t = len(idx))."""
+        """The vision payload of images `idx`: one image (t = 1) or a video (t = len(idx));
+        for a fixed-resolution encoder, the images in a row."""
+        if self._vision_grid is None:
+            return {"pixel_values": torch.cat([self._vision_pixels[i] for i in idx])}
         _, h, w = self._vision_grid.tolist()
         pix = torch.cat([self._vision_pixels[i] for i in idx])
         return {"pixel_values": pix, "grid_thw": torch.tensor([[len(idx), h, w]], dtype=torch.long)}
