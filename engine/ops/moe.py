@@ -102,10 +102,16 @@ def _run_probe(device: torch.device, dtype: torch.dtype) -> bool:
     The first MoE forward calls this, possibly inside an activation-checkpointed block:
     its own saved-tensor hooks keep the toy tensors out of the checkpoint's bookkeeping
     (the recomputation does not probe again, so it would save fewer tensors), and it runs
-    with grad enabled whatever the caller's mode.
+    with grad enabled whatever the caller's mode. Likewise the dispatch modes of selective
+    checkpointing are set aside: they cache op outputs in call order, and the probe's own
+    products, cached in forward but not issued again in the recomputation, would be handed
+    to the block's real matmuls.
     """
+    from torch.utils._python_dispatch import _disable_current_modes
+
     try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), \
+                _disable_current_modes():
             a = torch.ones(32, 16, device=device, dtype=dtype, requires_grad=True)
             b = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
             offs = torch.tensor([16, 32], device=device, dtype=torch.int32)

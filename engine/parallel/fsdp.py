@@ -1,10 +1,10 @@
-"""FSDP2 / HSDP and activation checkpointing, applied per transformer block from outside."""
+"""FSDP2 / HSDP, applied per transformer block from outside (activation checkpointing, which
+runs inside each FSDP unit, is engine/parallel/activation_memory.py)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -16,11 +16,6 @@ def mixed_precision(dtype: str) -> MixedPrecisionPolicy:
     if dtype == "bf16":
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
-
-
-def apply_activation_checkpointing(blocks: nn.ModuleDict) -> None:
-    for name, block in list(blocks.items()):
-        blocks[name] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
 def apply_fsdp(model: nn.Module, blocks: nn.ModuleDict, mesh: DeviceMesh, dtype: str,

@@ -1,0 +1,76 @@
+"""Train several configs inside one launch and save, for each, the losses of a few steps and
+every parameter's full gradient after the first forward/backward (before clipping): the
+memory-lever parity test (test_memory_levers.py) compares them between levers.
+
+    torchrun --nproc_per_node N memory_levers_worker.py CASES.json OUT.pt
+
+CASES.json: [{"name", "config", "overrides": [[key, value], ...], "parts": {part index: mode},
+"force_host_copy": bool}]. OUT.pt (rank 0): {name: {"loss": [...], "grads": {name: tensor}}}.
+"""
+
+import gc
+import json
+import sys
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from engine.comm import init_distributed, shutdown
+from engine.config import load_config, validate
+from engine.parallel import activation_memory
+from engine.training.trainer import Trainer
+
+
+def full_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
+    grads = {}
+    for mod_name, module in trainer.model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p.grad is None:
+                continue
+            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            if getattr(module, "global_rows", None):  # EP: gather every rank's experts
+                parts = [torch.empty_like(g) for _ in range(trainer.dims.ep)]
+                torch.distributed.all_gather(parts, g.contiguous(), group=trainer.meshes.ep.get_group())
+                g = torch.cat(parts)
+            name = f"{mod_name}.{pname}".replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+            grads[name] = g.detach().clone()
+    return grads
+
+
+def run_case(case: dict, ctx) -> dict:
+    cfg = load_config(case["config"], [tuple(kv) for kv in case["overrides"]])
+    for kind, index, mode in case.get("parts", []):
+        getattr(cfg.model, kind)[index]["activation_checkpointing"] = mode
+    validate(cfg)
+    activation_memory.FORCE_HOST_COPY = bool(case.get("force_host_copy"))
+    trainer = Trainer(cfg, ctx)
+    grads = {}
+    first = trainer.forward_backward
+
+    def forward_backward():
+        out = first()
+        if not grads:
+            grads.update(full_gradients(trainer))
+        return out
+
+    trainer.forward_backward = forward_backward
+    losses = [trainer.train_step()["loss"] for _ in range(cfg.train.steps)]
+    offload = getattr(trainer.model, "activation_offload", None)
+    moved = (offload.packed, offload.unpacked) if offload is not None else None
+    trainer.close()
+    del trainer
+    gc.collect()
+    activation_memory.FORCE_HOST_COPY = False
+    return {"loss": losses, "grads": grads, "offloaded": moved}
+
+
+if __name__ == "__main__":
+    cases_path, out_path = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    ctx = init_distributed("gloo", "cpu")
+    results = {case["name"]: run_case(case, ctx) for case in json.loads(open(cases_path).read())}
+    if ctx.is_main:
+        torch.save(results, out_path)
+    del results
+    gc.collect()
+    shutdown()
