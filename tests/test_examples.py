@@ -5,8 +5,10 @@ process."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,75 @@ def test_128gpu_layout_trains_one_step_at_full_width_on_fake_backend(tmp_path):
 def test_launch_script_layout_trains_one_step_on_fake_backend(tmp_path, script):
     world, record, log = _fake_launch(script, tmp_path, timeout=540)
     assert f"world {world}, device cpu" in log and record["tokens"] > 0
+
+
+# ---- Slurm: examples/run_omni_moe_128gpu.sbatch, with stub srun / scontrol on PATH ----------
+SBATCH = ROOT / "examples" / "run_omni_moe_128gpu.sbatch"
+_SCONTROL = """#!/usr/bin/env bash
+echo "scontrol $*" >> "$STUB_LOG"
+if [ "$1 $2" = "show hostnames" ]; then for i in $(seq 0 15); do echo "gpu-node$i"; done; fi
+"""
+# srun that runs until SIGTERM, then exits as the engine does after its step-boundary save
+_SRUN = """#!/usr/bin/env bash
+trap 'echo "srun: SIGTERM" >> "$STUB_LOG"; exit 0' TERM
+echo "srun $*" >> "$STUB_LOG"
+for _ in $(seq 600); do sleep 0.1; done
+exit "${SRUN_RC:-0}"
+"""
+
+
+def slurm_env(tmp_path: Path, **extra) -> dict:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("scontrol", _SCONTROL), ("srun", _SRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(tmp_path / "log"),
+            "SLURM_JOB_NODELIST": "gpu-node[0-15]", "SLURM_JOB_ID": "42", "SLURM_JOB_NUM_NODES": "16",
+            "SLURM_SUBMIT_DIR": str(ROOT), **extra}
+
+
+def test_sbatch_is_16_nodes_of_torchrun_with_rendezvous_on_the_first_node(tmp_path):
+    header = dict(line[len("#SBATCH --"):].split("=", 1) if "=" in line else (line[len("#SBATCH --"):], "")
+                  for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH --"))
+    assert header["nodes"] == "16" and header["ntasks-per-node"] == "1" and header["gpus-per-node"] == "8"
+    assert "requeue" in header and header["signal"] == "B:TERM@120"
+    proc = subprocess.run(["bash", str(SBATCH), "--train.steps=7"], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env=slurm_env(tmp_path, DRY_RUN="1"))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    at = lines.index("--- on each node:")
+    srun, torchrun = lines[:at], lines[at + 1:]
+    assert srun[:4] == ["srun", "--nodes=16", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert "--rdzv-backend=c10d" in torchrun and "--rdzv-endpoint=gpu-node0:29500" in torchrun
+    assert "--rdzv-id=omni-moe-42" in torchrun
+    world, args = world_and_args(torchrun)
+    assert world == 128 and args[-1] == "--train.steps=7"
+    # the same run as the plain launch script's
+    assert world_and_args(dry_run(ROOT / "examples" / "run_omni_moe_128gpu.sh"))[1] == args[:-1]
+    cfg = load_config(*parse_overrides(args))
+    assert cfg.checkpoint.resume == "auto" and resolve_layout(cfg, world)["dp"] * cfg.parallel.sp_size == world
+
+
+def test_sbatch_forwards_sigterm_and_requeues_after_the_save(tmp_path):
+    env = slurm_env(tmp_path)
+    proc = subprocess.Popen(["bash", str(SBATCH)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "log"
+    for _ in range(100):  # until srun runs
+        if log.exists() and "srun --nodes=16" in log.read_text():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # what --signal=B:TERM@120 sends the batch shell
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    calls = log.read_text().splitlines()
+    assert calls[-2:] == ["srun: SIGTERM", "scontrol requeue 42"], calls
+
+
+def test_sbatch_without_signal_exits_with_the_runs_code_and_no_requeue(tmp_path):
+    env = slurm_env(tmp_path, SRUN_RC="3")  # srun ends by itself, with the run's exit code
+    (tmp_path / "bin" / "srun").write_text('#!/usr/bin/env bash\necho "srun $*" >> "$STUB_LOG"\nexit "$SRUN_RC"\n')
+    proc = subprocess.run(["bash", str(SBATCH)], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert proc.returncode == 3
+    assert "requeue" not in (tmp_path / "log").read_text()
