@@ -30,9 +30,16 @@ setup(
         # the omni-digits demo dataset (omni_datasets/): scikit-learn's digits, PNG grids, resampling
         # and the fine-tuning example's tiny transformers-saved Qwen2 (omni_datasets/sft_text)
         "demo": ["scikit-learn", "pillow", "scipy", "transformers>=4.51"],
-        "test": ["pytest", "pytest-timeout", "transformers>=4.51", "scikit-learn", "pillow", "scipy"],
+        # torchao: tests/test_fp8.py (a 3.4 MB wheel with no dependencies: it pulls no CUDA torch)
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "transformers>=4.51", "scikit-learn", "pillow", "scipy",
+                 "torchao>=0.18"],
+        # train.dtype=fp8 with train.fp8_backend=torchao (tested: torchao 0.18.0 with torch 2.13, CPU)
+        "fp8": ["torchao>=0.18"],
         "plots": ["matplotlib"],  # tools/plot_losses.py
-        # Need CUDA to build or run; never installed on CPU machines.
-        "gpu": ["flash-attn", "transformer-engine[pytorch]", "nvidia-ml-py"],
+        # CUDA machines: NVML metrics and Liger-Kernel's fused loss (pure Python over Triton)
+        "gpu": ["nvidia-ml-py", "liger-kernel"],
+        # Each builds against CUDA from source for a long time: extras of their own, never pulled by [gpu].
+        "flash": ["flash-attn"],  # model.attention_backend=flash_attn (torch's own varlen kernel needs nothing)
+        "te": ["transformer-engine[pytorch]"],  # train.fp8_backend=te
     },
 )

@@ -419,7 +419,9 @@ def test_whisper_features_at_the_edges(mel):
         ours = media._whisper_features(wave, mel)
         assert ours.shape == ref.shape == (mel, -(-n // 160)) and ours.dtype == torch.float32, n
         max_diff = max(max_diff, float(np.abs(ours.numpy() - ref).max()))
-    assert max_diff <= 5e-5, max_diff
+    # Both sides compute in float32 (log-mel values of order 1); the rounding differs with the
+    # CPU's vector paths: 3.7e-5 and 7.4e-5 on two machines of this project (6e-8 in float64).
+    assert max_diff <= 1.5e-4, max_diff
     print(f"whisper features at the edges (mel={mel}): max |ours - WhisperFeatureExtractor| = {max_diff:.3g}")
 
 
