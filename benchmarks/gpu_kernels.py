@@ -1,6 +1,6 @@
-"""The GPU check's kernel stage: the MoE grouped GEMM at the 30B example's expert shapes and
-every attention backend on packed rows, each timed forward + backward, checked against a
-reference, with the host syncs each one makes counted (`torch.cuda.set_sync_debug_mode`).
+"""The GPU check's kernel stage: the MoE grouped GEMM at the 30B example's expert shapes, every
+attention backend on packed rows and the fused LM-head loss, each timed forward + backward,
+checked against a reference; host syncs counted (`torch.cuda.set_sync_debug_mode`) for the first two.
 
 Results are saved after every measurement, so a run cut off by the machine's time limit
 still reports what it reached. On CPU (`--device cpu --small`) the same code runs at tiny
@@ -172,16 +172,67 @@ def attention_rows(args, report: dict, out: Path) -> None:
         print("attention", row, flush=True)
 
 
+def fused_loss_rows(args, report: dict, out: Path) -> None:
+    """The LM head + loss at 4,096 tokens x hidden 896 x a 151,936-word vocabulary, forward and
+    backward: plain logits vs the chunked path vs Liger's kernel (where installed), peak memory
+    above the inputs, and the loss and hidden-state gradient against the plain path."""
+    from engine.ops.fused_loss import linear_cross_entropy, liger_available
+
+    tokens, hidden, vocab = (64, 32, 1000) if args.small else (4096, 896, 151_936)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, hidden, generator=gen).to(args.device, dtype)
+    w = (0.02 * torch.randn(vocab, hidden, generator=gen)).to(args.device, dtype)
+    labels = torch.randint(0, vocab, (tokens,), generator=gen).to(args.device)
+    ref = None
+    for setting in ("off", "chunked", "liger"):
+        row = {"path": setting, "tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": str(dtype)}
+        if setting == "liger" and not (args.device == "cuda" and liger_available()):
+            row["skipped"] = "needs CUDA and liger-kernel"
+            report["fused_loss"].append(row)
+            save_report(report, out)
+            continue
+        hs, ws = h.clone().requires_grad_(), w.clone().requires_grad_()
+
+        def step():
+            loss, _ = linear_cross_entropy(hs, ws, labels, setting=setting)
+            loss.backward()
+            return loss
+
+        try:
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            loss = step()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+                row["peak_above_inputs_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            got = (float(loss), hs.grad.float().clone())
+            if ref is None:
+                ref = got
+            row["loss_rel_diff_vs_plain"] = abs(got[0] - ref[0]) / abs(ref[0])
+            row["grad_max_abs_diff_vs_plain"] = float((got[1] - ref[1]).abs().max())
+            hs.grad = ws.grad = None
+            row.update(timed(step, args.device, args.repeats))
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        report["fused_loss"].append(row)
+        save_report(report, out)
+        print("fused_loss", row, flush=True)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
     report = {"benchmark": "GPU kernels: MoE grouped GEMM and attention backends",
               "command": command("benchmarks.gpu_kernels", argv), "machine": machine(),
               "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "grouped_gemm": [], "attention": []}
+              "grouped_gemm": [], "attention": [], "fused_loss": []}
     save_report(report, out)
     grouped_gemm_rows(args, report, out)
     attention_rows(args, report, out)
+    fused_loss_rows(args, report, out)
     print(f"wrote {out}")
     return report
 

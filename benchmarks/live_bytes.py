@@ -35,18 +35,21 @@ class BudgetExceeded(RuntimeError):
     pass
 
 
-def _local(t: torch.Tensor) -> Optional[torch.Tensor]:
+def _local(t: torch.Tensor, meta: bool = False) -> Optional[torch.Tensor]:
     local = getattr(t, "_local_tensor", None)  # DTensor
     if local is not None:
         t = local
-    if t.is_meta or type(t) not in (torch.Tensor, torch.nn.Parameter):
+    if (t.is_meta and not meta) or type(t) not in (torch.Tensor, torch.nn.Parameter):
         return None
     return t
 
 
 class LiveBytes(TorchDispatchMode):
-    def __init__(self, budget: Optional[int] = None, snapshot_margin: float = 0.002):
+    def __init__(self, budget: Optional[int] = None, snapshot_margin: float = 0.002, meta: bool = False):
+        """meta: count meta-device tensors too (sizes without allocating; off by default, so
+        that a model still on meta does not count)."""
         super().__init__()
+        self.meta = meta
         self.budget = budget
         self.snapshot_margin = snapshot_margin
         self._live: dict[int, list] = {}  # storage id -> [nbytes, tag, weakref, shape]
@@ -65,7 +68,7 @@ class LiveBytes(TorchDispatchMode):
             self.current -= entry[0]
 
     def _track(self, t: torch.Tensor, tag: str) -> None:
-        t = _local(t)
+        t = _local(t, self.meta)
         if t is None:
             return
         st = t.untyped_storage()

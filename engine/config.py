@@ -86,6 +86,10 @@ class ModelConfig:
     with a document mask), sdpa_doc (one causal call per document, no S x S mask), varlen
     (torch.nn.attention.varlen, CUDA + bf16), flash_attn (the flash-attn package, CUDA + bf16),
     eager (reference). The vision towers take the same varlen kernel as the backbone."""
+    fused_loss: str = "auto"
+    """The LM heads' cross-entropy (text and decoders) without [tokens, vocab] logits
+    (engine/ops/fused_loss.py): auto (Liger-Kernel on CUDA where liger-kernel is installed,
+    else the chunked PyTorch path), liger (CUDA + liger-kernel), chunked, or off (plain logits)."""
     encoders: list[dict] = field(default_factory=list)
     """Omni parts that read a modality, by registered name, e.g. [{name: vision, depth: 2,
     freeze: false, init_from: null, recipe: fsdp}]; other keys are the part's options."""
@@ -118,8 +122,14 @@ class ParallelConfig:
     """Overlapped EP dispatcher: chunk i's experts compute while chunk i+1's tokens travel."""
     ep_chunks: int = 2
     """Chunks of the overlapped dispatcher."""
-    activation_checkpointing: bool = False
-    """Recompute each transformer block in the backward pass."""
+    activation_checkpointing: str = "none"
+    """Recompute in backward instead of keeping activations, per backbone block: none, full (the
+    whole block; only its input stays), selective (keep matmul, attention and collective outputs,
+    recompute norms, activations, elementwise ops). true = full, false = none. Parts have their
+    own key (model.encoders[i].activation_checkpointing). See engine/parallel/activation_memory.py."""
+    activation_offload: bool = False
+    """Keep the tensors saved for backward in host memory (pinned, copied on a side CUDA stream)
+    between forward and backward; no effect when they already live on the host (CPU runs)."""
     backend: str = "auto"
     """Process-group backend: auto (nccl on CUDA, else gloo), nccl, gloo or fake."""
     fake_world_size: int = 1
@@ -204,7 +214,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Max global gradient norm over the whole mesh; 0 disables clipping."""
     dtype: str = "fp32"
-    """fp32, or bf16 (bf16 compute with fp32 master weights and fp32 gradient reduction)."""
+    """fp32, bf16 (bf16 compute with fp32 master weights and fp32 gradient reduction), or fp8
+    (bf16, plus float8 matmuls in the linear layers: train.fp8_backend, engine/parallel/float8.py)."""
+    fp8_backend: str = "torchao"
+    """With train.dtype=fp8: torchao (float8 training of torchao, CPU and CUDA) or te (Transformer Engine, CUDA)."""
+    fp8_recipe: str = "tensorwise"
+    """Float8 scaling: tensorwise (one scale per tensor, from its current values), rowwise (torchao:
+    one per row, power-of-two scales) or delayed (te: scales from an amax history)."""
     output_dir: str = "outputs/default"
     deterministic: bool = False
     """torch.use_deterministic_algorithms and fixed thread count, for bit-stable reruns."""
@@ -258,8 +274,11 @@ _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _CHOICES = {
     "model.backbone": ("dense", "moe"),
     "model.attention_backend": ("auto", "sdpa", "sdpa_doc", "varlen", "flash_attn", "eager"),
+    "model.fused_loss": ("auto", "liger", "chunked", "off"),
     "parallel.backend": ("auto", "nccl", "gloo", "fake"),
-    "train.dtype": ("fp32", "bf16"),
+    "train.dtype": ("fp32", "bf16", "fp8"),
+    "train.fp8_backend": ("torchao", "te"),
+    "train.fp8_recipe": ("tensorwise", "rowwise", "delayed"),
     "data.train_on": ("assistant", "all"),
     "train.device": ("auto", "cpu", "cuda"),
 }
@@ -335,7 +354,23 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     raise AssertionError(f"unhandled config type {annotation} for {key}")
 
 
+CHECKPOINTING_MODES = ("none", "full", "selective")
+"""Values of parallel.activation_checkpointing and of a part's activation_checkpointing."""
+
+
+def checkpointing_mode(value: Any, key: str) -> str:
+    """An activation_checkpointing value as one of CHECKPOINTING_MODES (true = full, false = none)."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in CHECKPOINTING_MODES:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(CHECKPOINTING_MODES)} (or true = full, "
+                          f"false = none), got {value!r}")
+    return value
+
+
 def _set(cfg: Config, key: str, value: Any) -> None:
+    if key == "parallel.activation_checkpointing":  # the bool it used to be keeps its meaning
+        value = checkpointing_mode(value, key)
     parts = key.split(".")
     if len(parts) != 2 or parts[0] not in _SECTIONS:
         raise _unknown(key)
@@ -515,9 +550,41 @@ def validate(cfg: Config) -> None:
                           "set model.backbone=moe (and model.num_experts) or parallel.ep_size=1")
     elif m.num_experts:
         raise ConfigError(f"config key 'model.num_experts'={m.num_experts} needs model.backbone=moe")
+    checkpointing_mode(p.activation_checkpointing, "parallel.activation_checkpointing")
+    _check_device_choices(cfg)
     _check_ranges(cfg)
     _check_dirs(cfg)
     _check_part_specs(cfg.model)
+
+
+def _check_device_choices(cfg: Config) -> None:
+    """Choices that need CUDA, or a package, that this machine lacks are one-line errors here
+    rather than import errors or kernel failures mid-run."""
+    import importlib.util
+
+    import torch
+
+    m, t = cfg.model, cfg.train
+    cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    if m.fused_loss == "liger" and not (cuda and importlib.util.find_spec("liger_kernel")):
+        raise ConfigError("config key 'model.fused_loss' is liger, which needs CUDA and the liger-kernel package "
+                          f"({'missing' if cuda else 'no CUDA device here'}); use --model.fused_loss=auto (or chunked)")
+    if t.dtype == "fp8" and t.fp8_backend == "te" and not cuda:
+        raise ConfigError("config key 'train.fp8_backend' is te (Transformer Engine), which needs CUDA; on this "
+                          "machine use --train.fp8_backend=torchao")
+    if t.dtype == "fp8" and t.fp8_backend == "torchao" and t.fp8_recipe not in ("tensorwise", "rowwise"):
+        raise ConfigError(f"config key 'train.fp8_recipe' is {t.fp8_recipe}, which train.fp8_backend=torchao does not "
+                          "have; use tensorwise or rowwise")
+    if t.dtype == "fp8" and t.fp8_backend == "te" and t.fp8_recipe == "rowwise":
+        raise ConfigError("config key 'train.fp8_recipe' is rowwise, which train.fp8_backend=te does not have; use "
+                          "tensorwise (TE's current scaling) or delayed")
+    if t.dtype == "fp8" and t.fp8_backend == "te" and not importlib.util.find_spec("transformer_engine"):
+        raise ConfigError("config key 'train.fp8_backend' is te, which needs Transformer Engine: pip install "
+                          "'transformer-engine[pytorch]' on the CUDA machine (the [te] extra) or use "
+                          "--train.fp8_backend=torchao")
+    if t.dtype == "fp8" and t.fp8_backend == "torchao" and not importlib.util.find_spec("torchao"):
+        raise ConfigError("config key 'train.dtype' is fp8 with train.fp8_backend=torchao, which needs the torchao "
+                          "package: pip install -e '.[fp8]' (or use --train.dtype=bf16)")
 
 
 def _check_numbers(cfg: Config) -> None:
@@ -636,7 +703,7 @@ def ensure_dir(key: str, value: str) -> Path:
 
 
 # Keys of a part spec (model.encoders / model.decoders entries) that are not the part's own options.
-_PART_BOOL_KEYS = ("freeze", "project", "activation_checkpointing")
+_PART_BOOL_KEYS = ("freeze", "project")
 PART_RECIPES = ("fsdp", "replicate")
 """A part's `recipe` (engine/parallel/part_recipes.py): its own FSDP unit, or replicated."""
 
@@ -657,6 +724,8 @@ def _check_part_specs(m: ModelConfig) -> None:
             for key in _PART_BOOL_KEYS:
                 if key in spec and not isinstance(spec[key], bool):
                     raise ConfigError(f"config key '{where}.{key}' expects bool (true or false), got {spec[key]!r}")
+            if "activation_checkpointing" in spec:
+                checkpointing_mode(spec["activation_checkpointing"], f"{where}.activation_checkpointing")
             if spec.get("init_from") is not None and not isinstance(spec["init_from"], str):
                 raise ConfigError(f"config key '{where}.init_from' expects a path, got {spec['init_from']!r}")
             recipe = spec.get("recipe", "fsdp")

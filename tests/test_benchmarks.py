@@ -32,3 +32,6 @@ def test_gpu_kernel_stage_runs_on_cpu_at_tiny_shapes(tmp_path):
     assert rows["sdpa"]["max_abs_diff_vs_sdpa_doc"] < 1e-5 and rows["sdpa_doc"]["max_abs_diff_vs_sdpa_doc"] == 0
     # the flash kernels are CUDA-only: on CPU each row says why it did not run
     assert "CUDA" in rows["varlen"]["skipped"] and "CUDA" in rows["flash_attn"]["skipped"]
+    loss = {r["path"]: r for r in report["fused_loss"]}
+    assert loss["off"]["loss_rel_diff_vs_plain"] == 0 and "skipped" in loss["liger"]
+    assert loss["chunked"]["loss_rel_diff_vs_plain"] < 1e-6 and loss["chunked"]["grad_max_abs_diff_vs_plain"] < 1e-6

@@ -20,6 +20,9 @@
 #             (benchmarks/gpu_kernels.py -> kernels.json)
 #   throughput  a ~1B dense Llama at seq 4096 in bf16: the engine vs transformers in one
 #             process, tokens/s and MFU (benchmarks/bench_train.py -> bench_train_1b.json)
+#   fp8       tiny_dense 30 steps in fp8 (torchao, from .gpucache/wheels) vs bf16: final losses
+#   nccl      NCCL at world 1 (torchrun): 4 steps with a checkpoint at 2, then resumed to 6;
+#             deterministic mode (CUBLAS_WORKSPACE_CONFIG) for 3 steps
 #   omni      the default omni model on CUDA in bf16 (full run), then its held-out scores
 #   parity    tiny dense / MoE / omni: first loss on CUDA fp32 and bf16 vs the CPU's
 #   moe       the tiny MoE model in bf16 with compile and activation checkpointing
@@ -95,6 +98,18 @@ stage kernels 120 "$PY" -m benchmarks.gpu_kernels --out "$OUT/kernels.json"
 stage throughput 180 "$PY" -m benchmarks.bench_train --device cuda --dtype bf16 --attention packed \
     --attention-backend auto --hidden 2048 --layers 20 --heads 16 --kv-heads 8 --intermediate 5632 --vocab 8192 \
     --seq-len 4096 --batch 1 --steps 10 --warmup 3 --compile off --cache-dir "$CACHE" --out "$OUT/bench_train_1b.json"
+stage fp8 90 train fp8_tiny_dense tiny_dense --train.device=cuda --train.dtype=fp8 --train.steps=30
+stage fp8_ref 60 train bf16_tiny_dense tiny_dense --train.device=cuda --train.dtype=bf16 --train.steps=30
+nccl_resume() {
+    local run=(-m torch.distributed.run --standalone --nproc_per_node=1 pretrain_omni.py
+               --config examples/configs/tiny_dense.yaml --data.cache_dir="$CACHE" --train.output_dir="$RUNS/nccl"
+               --train.tensorboard=false --train.progress_bar=false --parallel.backend=nccl --train.device=cuda
+               --checkpoint.interval=2)
+    "$PY" "${run[@]}" --train.steps=4 && "$PY" "${run[@]}" --train.steps=6
+}
+export -f nccl_resume
+stage nccl 90 nccl_resume
+stage deterministic 60 train deterministic tiny_dense --train.device=cuda --train.deterministic=true --train.steps=3
 stage omni_train 240 train omni_bf16 omni_digits --train.device=cuda --train.dtype=bf16
 stage omni_eval 120 "$PY" -m omni_datasets.omni_digits.evaluate "$RUNS/omni_bf16" --out "$RUNS/omni_bf16"
 for c in "${PARITY[@]}"; do

@@ -11,6 +11,8 @@ torch.distributed: under parallelism the same module runs unchanged.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -101,9 +103,12 @@ class Decoder(nn.Module):
         """(embeddings [num_tokens, embed_dim], token ids [num_tokens]) of a target."""
         raise NotImplementedError
 
-    def lm_head(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def lm_head(self, hidden: torch.Tensor, labels: torch.Tensor,
+                fused_loss: str = "off") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(sum of cross-entropy over labels != -100, logits [N, vocab_size]) from
-        backbone hidden states [N, hidden] at the positions that predict a code."""
+        backbone hidden states [N, hidden] at the positions that predict a code. With
+        `fused_loss` other than off (model.fused_loss, engine/ops/fused_loss.py) the logits
+        are never materialised and None is returned in their place."""
         raise NotImplementedError
 
     def lm_generate(self, token_ids: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.ops.fused_loss import linear_cross_entropy
 from engine.tensor_files import TensorFiles
 
 from .base import Decoder, PartOptionError, check_depths, check_sizes
@@ -417,13 +418,19 @@ class ImageVQDecoder(Decoder):
         ids = self.encode_codes(target["pixel_values"]).flatten()
         return self.generation_aligner(self.generation_embeddings(ids)), ids
 
-    def lm_head(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def lm_head(self, hidden: torch.Tensor, labels: torch.Tensor,
+                fused_loss: str = "off") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if hidden.ndim != 2 or hidden.shape[-1] != self.hidden_in:
             raise ValueError(f"image_vq: lm_head hidden has shape {tuple(hidden.shape)}; expected "
                              f"[N, hidden_in={self.hidden_in}] (set hidden_in to the backbone width)")
         if labels.shape != hidden.shape[:1]:
             raise ValueError(f"image_vq: lm_head labels have shape {tuple(labels.shape)}; expected "
                              f"[{hidden.shape[0]}] (one label per hidden row, -100 to ignore)")
+        if fused_loss != "off":  # the head's last projection and the loss, without the logits
+            head = self.generation_head
+            features = head.act(head.proj_out(hidden))
+            return linear_cross_entropy(features, head.vision_head.weight, labels, head.vision_head.bias,
+                                        setting=fused_loss)[0], None
         logits = self.generation_head(hidden)
         loss = F.cross_entropy(logits.float(), labels.long(), ignore_index=-100, reduction="sum")
         return loss, logits

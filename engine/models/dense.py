@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from engine.batch import IGNORE_INDEX, Batch
 from engine.config import ModelConfig
 from engine.ops.attention import AttentionFn, AttentionMeta
+from engine.ops.fused_loss import linear_cross_entropy
 
 from .layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU
 
@@ -95,14 +96,15 @@ class DenseTransformer(nn.Module):
     def loss_sums(self, batch: Batch) -> dict[str, torch.Tensor]:
         """{"lm": summed cross-entropy over the batch's targets} (fp32). Calls `forward`
         directly: the parallel layer registers `loss_sums` itself as the FSDP entry point."""
-        logits = self.forward(batch.input_ids, batch.position_ids, batch.doc_ids, attn_meta=batch.attn_meta,
-                              token_mask=batch.token_mask)
-        if not batch.loss_group_names:
-            return {"lm": token_loss_sum(logits, batch.labels)}
-        per_token = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX,
-                                    reduction="none")
+        hidden = self.forward(batch.input_ids, batch.position_ids, batch.doc_ids, attn_meta=batch.attn_meta,
+                              token_mask=batch.token_mask, return_hidden=True)
+        groups = bool(batch.loss_group_names)
+        loss, per_token = linear_cross_entropy(hidden.flatten(0, 1), self.head_weight(), batch.labels.flatten(),
+                                               setting=self.cfg.fused_loss, per_token=groups)
+        sums = {"lm": loss}
+        if not groups:
+            return sums
         groups = batch.loss_groups.flatten()
-        sums = {"lm": per_token.sum()}
         for g, name in enumerate(batch.loss_group_names):
             sums[f"lm/{name}"] = per_token[groups == g].sum()
         return sums
@@ -131,9 +133,11 @@ class DenseTransformer(nn.Module):
         h = self.norm(h)
         return h if return_hidden else self.logits(h)
 
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return F.linear(hidden, self.head_weight())
 
     # ---- accounting --------------------------------------------------------------------
     def flops_per_token(self, seq_len: int) -> float:

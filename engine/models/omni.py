@@ -21,11 +21,11 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from engine.batch import IGNORE_INDEX, Batch
 from engine.config import ConfigError, ModelConfig
 from engine.modalities import call_part
+from engine.ops.fused_loss import linear_cross_entropy
 from engine.plugins import load_plugins
 
 from .part_specs import build_part, part_specs
@@ -263,12 +263,13 @@ class OmniModel(nn.Module):
         batch = self.layout(batch)
         hidden, codes = self.hidden_states(batch)
         text = self._text_targets(batch.labels)
-        logits = self.backbone.logits(hidden[text])
-        sums = {"lm": F.cross_entropy(logits.float(), batch.labels[text], reduction="sum")}
+        fused = self.cfg.fused_loss
+        sums = {"lm": linear_cross_entropy(hidden[text], self.backbone.head_weight(), batch.labels[text],
+                                           setting=fused)[0]}
         for j, (name, dec) in enumerate(self.decoders.items()):
             sel = batch.dec_next_part == j
             labels = codes[name][batch.dec_next_index[sel]]
-            sums[name] = dec.lm_head(hidden[sel], labels)[0]
+            sums[name] = dec.lm_head(hidden[sel], labels, fused_loss=fused)[0]
         return sums
 
     @staticmethod

@@ -48,6 +48,7 @@ from engine.models.part_specs import check_part_names
 from engine.ops.attention import get_attention_fn
 from engine.ops.moe import grouped_gemm_warnings
 from engine.parallel import ParallelDims, parallelize
+from engine.parallel.float8 import high_precision
 from engine.parallel.ulysses import shard_batch
 
 from .metrics import MetricsLogger, compute_precision, device_peak_flops, gpu_utilization, memory_gb
@@ -85,7 +86,7 @@ def check_machine(cfg: Config, ctx: DistContext) -> None:
     imported), the attention kernel runs on this device, and the output and cache folders
     exist or can be made."""
     check_part_names(cfg.model)
-    get_attention_fn(cfg.model.attention_backend, ctx.device.type, cfg.train.dtype)
+    get_attention_fn(cfg.model.attention_backend, ctx.device.type, high_precision(cfg.train.dtype, ctx.device.type))
     ensure_dir("train.output_dir", cfg.train.output_dir)
     ensure_dir("data.cache_dir", cfg.data.cache_dir)
 
@@ -155,7 +156,7 @@ class Trainer:
         self.dp_rank = self.meshes.dp_rank if self.meshes else 0
         self.fsdp = self.meshes is not None and self.dims.fsdp_enabled
         # Without FSDP there is no MixedPrecisionPolicy: autocast gives the same bf16 compute.
-        use_autocast = cfg.train.dtype == "bf16" and not self.fsdp
+        use_autocast = high_precision(cfg.train.dtype, ctx.device.type) == "bf16" and not self.fsdp
         self.autocast = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if use_autocast else nullcontext
         self.output_dir = expand_path(cfg.train.output_dir)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -354,7 +355,9 @@ class Trainer:
             while self.step < total:
                 STATS.reset()
                 record = self.train_step()
-                record["comm_bytes"] = STATS.total()
+                # engine.comm's collectives only (Ulysses / EP all-to-alls, loss and router all-reduces):
+                # FSDP's all-gathers and reduce-scatters bypass engine.comm (tools/plan.py estimates them)
+                record["comm_bytes_excl_fsdp"] = STATS.total()
                 every = cfg.train.eval_interval
                 if self.eval_data is not None and every and (self.step % every == 0 or self.step == total):
                     record.update(self.evaluate())
