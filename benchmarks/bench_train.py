@@ -6,7 +6,7 @@ seeded initialisation is copied into the HF model), on the same packed batches f
 the same warmup + cosine schedule and the same gradient clipping, in fp32, in one process.
 
 - ours: built the way `engine/training/trainer.py` builds it (meta device -> `parallelize`
-  -> `materialize`, `build_optimizer` (fused AdamW), `build_scheduler`, `token_loss_sum`);
+  -> `materialize`, `build_optimizer` (fused AdamW), `build_scheduler`, the head and loss of `model.fused_loss` as `loss_sums` runs them);
   `ours+compile` is the same with `train.compile=true` (torch.compile per block).
 - hf: `LlamaForCausalLM` (sdpa attention, no cache) in the plain PyTorch loop a user
   writes: `model(input_ids, labels=...)`, `loss.backward()`, `clip_grad_norm_`,
@@ -47,7 +47,7 @@ from engine.models import build_backbone
 from engine.parallel import ParallelDims, materialize, parallelize
 from engine.training.metrics import compute_precision, device_peak_flops
 from engine.training.optimizer import build_optimizer, build_scheduler, clip_grad_norm_
-from engine.training.trainer import token_loss_sum
+from engine.ops.fused_loss import linear_cross_entropy
 
 VARIANTS = ("ours", "ours+compile", "hf", "hf+compile")
 
@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     run.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                      help="bf16: fp32 weights and bf16 autocast compute on both sides (a one-process run)")
+    run.add_argument("--fused-loss", default="auto", help="ours' model.fused_loss (auto: chunked on CPU)")
     run.add_argument("--attention-backend", default="sdpa",
                      help="ours' model.attention_backend (auto picks the varlen flash kernel on CUDA in bf16)")
     run.add_argument("--steps", type=int, default=20, help="timed steps per variant")
@@ -104,7 +105,7 @@ def engine_config(args, compile_: bool) -> Config:
     m = cfg.model
     m.vocab_size, m.hidden_size, m.intermediate_size = args.vocab, args.hidden, args.intermediate
     m.num_layers, m.num_heads, m.num_kv_heads, m.rope_theta = args.layers, args.heads, args.kv_heads, args.rope_theta
-    m.attention_backend = args.attention_backend
+    m.attention_backend, m.fused_loss = args.attention_backend, args.fused_loss
     cfg.data.seq_len, cfg.data.global_batch_size, cfg.data.cache_dir = args.seq_len, args.batch, args.cache_dir
     t = cfg.train
     t.seed, t.steps, t.dtype, t.device, t.compile = args.seed, args.warmup + args.steps, args.dtype, args.device, compile_
@@ -146,12 +147,13 @@ class Ours:
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         labels = batch["labels"]
         targets = int((labels != -100).sum())
-        with autocast(self.cfg):
+        with autocast(self.cfg):  # the engine's own head and loss (model.fused_loss), as loss_sums runs them
             if self.packed:
-                logits = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
+                hidden = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], return_hidden=True)
             else:
-                logits = self.model(batch["input_ids"])
-            loss = token_loss_sum(logits, labels)
+                hidden = self.model(batch["input_ids"], return_hidden=True)
+            loss, _ = linear_cross_entropy(hidden.flatten(0, 1), self.model.head_weight(), labels.flatten(),
+                                           setting=self.cfg.model.fused_loss)
         (loss / targets).backward()
         clip_grad_norm_(self.model, self.cfg.train.grad_clip)
         self.optimizer.step()
@@ -289,7 +291,7 @@ def run_probe(args) -> None:
 def probe_memory(args, name: str) -> dict:
     argv = [sys.executable, "-m", "benchmarks.bench_train", "--probe", name, "--steps", "2", "--warmup", "1"]
     for key in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "seq_len", "batch", "rope_theta",
-                "attention", "threads", "seed", "cache_dir", "dtype", "attention_backend"):
+                "attention", "threads", "seed", "cache_dir", "dtype", "attention_backend", "fused_loss"):
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=ROOT)
     if proc.returncode != 0:
@@ -405,7 +407,7 @@ def main(argv=None) -> dict:
         "shape": {k: getattr(args, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab",
                                                  "seq_len", "batch", "rope_theta", "attention")},
         "params": n_params, "tokens_per_step": tokens, "dtype": args.dtype, "device": args.device,
-        "attention_backend": args.attention_backend,
+        "attention_backend": args.attention_backend, "fused_loss": args.fused_loss,
         "peak_cuda_memory_gib_all_variants": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
         "optimizer": {"lr": cfg.train.lr, "betas": [cfg.train.beta1, cfg.train.beta2], "weight_decay":
                       cfg.train.weight_decay, "warmup_steps": cfg.train.warmup_steps, "grad_clip": cfg.train.grad_clip,

@@ -71,9 +71,16 @@ class Batch:
         return dataclasses.replace(self, **changes)
 
     def to(self, device: torch.device) -> "Batch":
-        moved = {k: v.to(device, non_blocking=True) for k, v in self.items()}
-        payloads = {name: {k: v.to(device, non_blocking=True) for k, v in p.items()}
-                    for name, p in self.payloads.items()}
+        device = torch.device(device)
+
+        def move(v: torch.Tensor) -> torch.Tensor:
+            # host -> GPU copies are asynchronous only from pinned (page-locked) memory
+            if device.type == "cuda" and v.device.type == "cpu":
+                v = v.pin_memory()
+            return v.to(device, non_blocking=True)
+
+        moved = {k: move(v) for k, v in self.items()}
+        payloads = {name: {k: move(v) for k, v in p.items()} for name, p in self.payloads.items()}
         return self.replace(**moved, payloads=payloads)
 
     # Read access as a mapping, as for the dicts batches used to be: `batch["labels"]` for

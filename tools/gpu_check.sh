@@ -10,6 +10,7 @@
 # liger-kernel) from .gpucache/wheels/*.whl when present (`--no-index --no-deps`). The data
 # cache comes from $OMNI_CACHE (default ~/.cache/omni-engine), or from .gpucache/cache.tar.xz
 # when present (a machine without network gets the cache that way; see docs/performance.md).
+# `bash tools/gpu_prepare.sh` makes both on a CPU machine with network (~43 MB).
 #
 # Stages, in order of importance, each under its own time limit so one hang cannot eat
 # the machine's time; every stage appends {stage, rc, seconds} to stages.jsonl as it ends:

@@ -202,7 +202,7 @@ def apply_part_checkpointing(model: nn.Module) -> dict[str, list[nn.Module]]:
     """Each omni part's own `activation_checkpointing` on its repeated layers (composable
     checkpoint: names unchanged). Returns {part: checkpointed modules}."""
     applied = {}
-    parts = model.parts() if hasattr(model, "parts") else {}
+    parts = model.parts()
     for name, part in parts.items():
         kind, i = model._where[name]
         key = f"model.{kind}[{i}].activation_checkpointing"
@@ -313,8 +313,7 @@ class ActivationOffload:
 
 
 def apply_activation_offload(model: nn.Module, offload: Optional[ActivationOffload] = None) -> ActivationOffload:
-    """Run `model.loss_sums` (the trainer's entry point) under `offload`'s hooks; returns it
-    (also kept as `model.activation_offload`)."""
+    """Run `model.loss_sums` (the trainer's entry point) under `offload`'s hooks; returns it."""
     offload = offload or ActivationOffload()
     inner = model.loss_sums
 
@@ -324,5 +323,4 @@ def apply_activation_offload(model: nn.Module, offload: Optional[ActivationOfflo
             return inner(*args, **kwargs)
 
     model.loss_sums = loss_sums
-    model.activation_offload = offload
     return offload

@@ -84,7 +84,7 @@ def _units(model: nn.Module, cfg: Config, dims: ParallelDims) -> list[_Unit]:
                 owner[id(p)] = (f"experts {path}", "ep_fsdp", fsdp_n // ep)
     for part_name, part in model.parts().items():
         replicate = _part_spec(cfg, part_name)[2].get("recipe", "fsdp") == "replicate"
-        if part_name in getattr(model, "decoders", {}):
+        if _part_spec(cfg, part_name)[0] == "decoders":
             continue  # decoders run inside the root unit
         for p in part.parameters():
             owner[id(p)] = (f"part {part_name}", "replicate" if replicate else "fsdp", 1 if replicate else fsdp_n)
@@ -196,7 +196,7 @@ def encoder_bytes(part: nn.Module, tokens: int, c: int, masked: bool = False) ->
     """Saved activations of one encoder producing `tokens` placeholder embeddings; (0, why)
     for a part type the planner does not model. `masked`: the vision tower's attention is SDPA
     with a block mask over all patches (several images; not the varlen kernel)."""
-    kind = getattr(part, "registered_name", type(part).__name__)
+    kind = part.registered_name
     if kind == "vision":
         ms = part.spatial_merge_size
         n = tokens * ms * ms  # patches
@@ -281,7 +281,7 @@ def _encoder_kept(cfg: Config, name: str, part: nn.Module, tokens: int, c: int) 
     selective about its matmul outputs (half of what it saves)."""
     saved, note = encoder_bytes(part, tokens, c, masked_attention(cfg))
     mode = _part_mode(cfg, name)
-    kind = getattr(part, "registered_name", "")
+    kind = part.registered_name
     if mode == "none" or not saved or kind not in ("vision", "audio"):
         return saved, 0, note
     # the repeated layers: vision blocks over patches, audio layers over post-conv frames
@@ -312,7 +312,7 @@ def activation_plan(model: nn.Module, cfg: Config, micro: int, payload_tokens: d
     if mode is None:
         mode = checkpointing_mode(p.activation_checkpointing, "parallel.activation_checkpointing")
     if offload is None:
-        offload = bool(getattr(p, "activation_offload", False))
+        offload = p.activation_offload
     c = compute_bytes(cfg)
     seq = cfg.data.seq_len + (-cfg.data.seq_len) % p.sp_size
     t = micro * seq // p.sp_size
@@ -329,7 +329,7 @@ def activation_plan(model: nn.Module, cfg: Config, micro: int, payload_tokens: d
                   "selective": [_selective_kept(cfg, t, c, x, worst=True) for x in is_moe]}[mode]
 
     parts = model.parts()
-    decoders = getattr(model, "decoders", {})
+    decoders = [name for name in parts if _part_spec(cfg, name)[0] == "decoders"]
     default = payload_tokens is None
     given = _part_tokens(model, payload_tokens)
     encoders: dict[str, dict] = {}
