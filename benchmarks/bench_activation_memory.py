@@ -70,7 +70,8 @@ class SimulatedHostOffload(ActivationOffload):
         return host.clone()
 
 
-def build(model: str, lever: str, seq: int, out_dir: str) -> Trainer:
+def build(model: str, lever: str, seq: int, out_dir: str):
+    """(trainer, the offload applied to its model or None)."""
     spec = LEVERS[lever]
     overrides = [("data.seq_len", str(seq)), ("data.global_batch_size", "1"), ("data.micro_batch_size", "0"),
                  ("model.max_position_embeddings", str(max(seq, 4096))), ("train.steps", "1000"),
@@ -83,15 +84,14 @@ def build(model: str, lever: str, seq: int, out_dir: str) -> Trainer:
             part["activation_checkpointing"] = spec["parts"]
         validate(cfg)
     trainer = Trainer(cfg, CPU)
-    if spec.get("offload"):
-        apply_activation_offload(trainer.model, SimulatedHostOffload())
-    return trainer
+    offload = apply_activation_offload(trainer.model, SimulatedHostOffload()) if spec.get("offload") else None
+    return trainer, offload
 
 
 def probe(model: str, lever: str, seq: int, out_dir: str, budget: int | None = None, steps: int = 0) -> dict:
     """Peak live bytes of one forward+backward at `seq` (stops past `budget`), then the median
     time of `steps` training steps after one warm-up step."""
-    trainer = build(model, lever, seq, out_dir)
+    trainer, offload = build(model, lever, seq, out_dir)
     gc.collect()
     mem = LiveBytes(budget=budget)
     held = []  # bytes alive when the forward returns: what the backward will read
@@ -113,7 +113,6 @@ def probe(model: str, lever: str, seq: int, out_dir: str, budget: int | None = N
     record = {"seq": seq, "fits": not mem.exceeded, "peak": mem.peak, "baseline": mem.baseline,
               "activations": mem.peak - mem.baseline, "held_after_forward": max(held, default=None),
               "peak_at": mem.peak_tag}
-    offload = getattr(trainer.model, "activation_offload", None)
     if offload is not None:
         record["offloaded_bytes"] = offload.bytes
     if steps and not mem.exceeded:

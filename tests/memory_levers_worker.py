@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from engine.comm import init_distributed, shutdown
 from engine.config import load_config, validate
-from engine.parallel import activation_memory
+from engine.parallel import activation_memory, plan
 from engine.training.trainer import Trainer
 
 
@@ -43,7 +43,13 @@ def run_case(case: dict, ctx) -> dict:
         getattr(cfg.model, kind)[index]["activation_checkpointing"] = mode
     validate(cfg)
     activation_memory.FORCE_HOST_COPY = bool(case.get("force_host_copy"))
-    trainer = Trainer(cfg, ctx)
+    offloads = []  # the offload the parallel layer applies, kept for its counters
+    apply = plan.apply_activation_offload
+    plan.apply_activation_offload = lambda model, *a: offloads.append(apply(model, *a)) or offloads[-1]
+    try:
+        trainer = Trainer(cfg, ctx)
+    finally:
+        plan.apply_activation_offload = apply
     grads = {}
     first = trainer.forward_backward
 
@@ -55,8 +61,7 @@ def run_case(case: dict, ctx) -> dict:
 
     trainer.forward_backward = forward_backward
     losses = [trainer.train_step()["loss"] for _ in range(cfg.train.steps)]
-    offload = getattr(trainer.model, "activation_offload", None)
-    moved = (offload.packed, offload.unpacked) if offload is not None else None
+    moved = (offloads[0].packed, offloads[0].unpacked) if offloads else None
     trainer.close()
     del trainer
     gc.collect()
