@@ -35,3 +35,15 @@ def test_gpu_kernel_stage_runs_on_cpu_at_tiny_shapes(tmp_path):
     loss = {r["path"]: r for r in report["fused_loss"]}
     assert loss["off"]["loss_rel_diff_vs_plain"] == 0 and "skipped" in loss["liger"]
     assert loss["chunked"]["loss_rel_diff_vs_plain"] < 1e-6 and loss["chunked"]["grad_max_abs_diff_vs_plain"] < 1e-6
+
+
+def test_sync_audit_stage_runs_on_cpu(tmp_path):
+    """The GPU check's host-sync audit trains through the engine's own Trainer; on CPU there is
+    nothing to count (CUDA's sync debug mode), so this checks the script end to end."""
+    out = tmp_path / "syncs.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_sync_audit", "--device", "cpu", "--dtype", "fp32",
+                           "--steps", "1", "--configs", "tiny_moe", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["configs"]
+    assert row == {"config": "tiny_moe", "steps": 1, "syncs_per_step": 0, "sites": {}}, row

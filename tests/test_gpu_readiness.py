@@ -71,3 +71,19 @@ def test_gpu_utilization_initialises_nvml_once(monkeypatch):
     assert [metrics.gpu_utilization(torch.device("cuda", 0)) for _ in range(3)] == [42.0] * 3
     assert calls["init"] == 1 and metrics._NVML_HANDLES == {0: ("handle", 3)}
     assert metrics.gpu_utilization(torch.device("cpu")) is None
+
+
+def test_torch_api_check_passes_here_and_names_what_is_missing(tmp_path):
+    """tools/check_torch_apis.py: every required API exists in this torch; a missing attribute
+    or keyword is reported as missing (run first on a GPU machine's older torch)."""
+    import importlib.util
+    import json
+    from launch import ROOT
+    spec = importlib.util.spec_from_file_location("check_torch_apis", ROOT / "tools" / "check_torch_apis.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--json", str(tmp_path / "apis.json")]) == 0
+    rows = json.loads((tmp_path / "apis.json").read_text())["apis"]
+    assert len(rows) == len(tool.APIS) and all(r["present"] for r in rows if r["required"])
+    assert tool.check("torch:no_such_api")[0] is False
+    assert tool.check("torch.distributed.fsdp:fully_shard(no_such_keyword)") == (False, "no keyword 'no_such_keyword'")

@@ -15,10 +15,13 @@
 # Stages, in order of importance, each under its own time limit so one hang cannot eat
 # the machine's time; every stage appends {stage, rc, seconds} to stages.jsonl as it ends:
 #   env       nvidia-smi and versions
+#   apis      every torch API the engine uses exists in this torch (tools/check_torch_apis.py)
 #   tests     the gpu-marked tests
 #   kernels   MoE grouped GEMM at the 30B example's expert shapes (bf16 / fp32 / autocast) and
 #             every attention backend on a packed 8K row, with host syncs counted
 #             (benchmarks/gpu_kernels.py -> kernels.json)
+#   syncs     host syncs per training step of the tiny dense / MoE / omni configs in bf16, by line
+#             of engine code (benchmarks/gpu_sync_audit.py -> syncs.json)
 #   throughput  a ~1B dense Llama at seq 4096 in bf16: the engine vs transformers in one
 #             process, tokens/s and MFU (benchmarks/bench_train.py -> bench_train_1b.json)
 #   fp8       tiny_dense 30 steps in fp8 (torchao, from .gpucache/wheels) vs bf16: final losses
@@ -94,8 +97,10 @@ for c in "${PARITY[@]}"; do
 done
 
 stage env 60 env_report
+stage apis 60 "$PY" tools/check_torch_apis.py --json "$OUT/apis.json"
 stage tests 120 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider
 stage kernels 120 "$PY" -m benchmarks.gpu_kernels --out "$OUT/kernels.json"
+stage syncs 120 "$PY" -m benchmarks.gpu_sync_audit --out "$OUT/syncs.json"
 stage throughput 180 "$PY" -m benchmarks.bench_train --device cuda --dtype bf16 --attention packed \
     --attention-backend auto --hidden 2048 --layers 20 --heads 16 --kv-heads 8 --intermediate 5632 --vocab 8192 \
     --seq-len 4096 --batch 1 --steps 10 --warmup 3 --compile off --cache-dir "$CACHE" --out "$OUT/bench_train_1b.json"
