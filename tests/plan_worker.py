@@ -1,9 +1,9 @@
 """Measure what tools/plan.py predicts, on a real (small) run: one rank's bytes of parameters,
 gradients and AdamW states (local shards); the peak activation bytes of one micro-batch's
 forward and backward (torch's MemTracker: categories Activation + Temp at the peak); the bytes
-autograd keeps for backward at the end of a forward (saved-tensor hooks); the bytes engine.comm
-counted per (collective, axis) in the forward/backward; the placeholder tokens of each omni
-part in the micro-batch. Writes OUT.json on rank 0.
+autograd keeps for backward at the end of a forward (saved-tensor hooks, and the fused loss's
+gradients kept on its ctx); the bytes engine.comm counted per (collective, axis) in the
+forward/backward; the placeholder tokens of each omni part in the micro-batch. Writes OUT.json on rank 0.
 
     python plan_worker.py OUT.json --config ... --section.key=value ...   (plain or under torchrun)
 
@@ -63,10 +63,26 @@ def nbytes(t):
     return t.numel() * t.element_size()
 
 
+def ctx_tensors(root):
+    """Tensors custom autograd functions keep on their ctx outside save_for_backward, which
+    saved-tensor hooks do not see: the fused loss's gradients computed in forward
+    (engine/ops/fused_loss.py, `ctx.grads`)."""
+    out, stack, visited = [], [root], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        out += [t for t in getattr(node, "grads", None) or () if isinstance(t, torch.Tensor)]
+        stack += [n for n, _ in node.next_functions]
+    return out
+
+
 def saved_bytes(trainer, batch):
     """Bytes of the distinct storages autograd holds for backward at the end of one micro-batch's
-    forward, parameters (sharded, or gathered by FSDP and not yet resharded) excluded: what the
-    planner calls the saved activations (no checkpointing: its hooks would replace these)."""
+    forward (saved tensors and the fused loss's gradients on its ctx), parameters (sharded, or
+    gathered by FSDP and not yet resharded) excluded: what the planner calls the saved
+    activations (no checkpointing: its hooks would replace these)."""
     seen = {}
 
     def pack(t):
@@ -76,6 +92,8 @@ def saved_bytes(trainer, batch):
     batch = trainer.prepare_batch(batch)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), trainer.autocast():
         losses = trainer.model.loss_sums(batch)
+    for t in ctx_tensors(sum(losses.values()).grad_fn):
+        seen[t.untyped_storage()._cdata] = t.untyped_storage()
     params = {local(p).untyped_storage()._cdata for p in trainer.model.parameters()}
     total = sum(st.nbytes() for key, st in seen.items() if key not in params)
     sum(losses.values()).backward()  # completes FSDP's forward/backward state

@@ -64,6 +64,7 @@ class MoE(nn.Module):
         self.reduce_router_stats: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
         self.aux_share = 1.0
         self.aux_loss: Optional[torch.Tensor] = None
+        self.collect_aux = True  # armed by the model's forward, disarmed once recorded
         self.tokens_per_expert: Optional[torch.Tensor] = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -102,7 +103,12 @@ class MoE(nn.Module):
         flat = x.reshape(-1, h)
         logits, probs, topk_idx, topk_weight = self.route(flat)
         keep = None if token_mask is None else token_mask.reshape(-1)
-        self.aux_loss = self.router_losses(logits, probs, topk_idx, keep) if self.training else None
+        aux = self.router_losses(logits, probs, topk_idx, keep) if self.training else None
+        # Recorded once per model forward: activation checkpointing runs this forward again in
+        # backward, and a recorded recomputed loss would keep that recomputation's graph (the
+        # block's attention, norm and router tensors) alive until the next step.
+        if self.collect_aux:
+            self.aux_loss, self.collect_aux = aux, False
         y = self.experts(flat, topk_idx, topk_weight.to(flat.dtype), self.dispatcher)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
@@ -122,6 +128,11 @@ class MoETransformer(DenseTransformer):
         for i, block in self.blocks.items():
             if is_moe_layer(cfg, int(i)):
                 block.mlp = MoE(cfg)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        for moe in self.moe_layers().values():
+            moe.collect_aux = True
+        return super().forward(*args, **kwargs)
 
     def moe_layers(self) -> dict[str, MoE]:
         return {name: m for name, m in self.named_modules() if isinstance(m, MoE)}

@@ -115,9 +115,11 @@ def compute_bytes(cfg: Config) -> int:
 
 
 def _norm(t: int, h: int, c: int) -> int:
-    """RMSNorm (engine/models/layers.py): the normalised and the output tensor, the fp32 copy
-    of a bf16 input, and the [T, 1] reciprocal."""
-    return t * h * (2 * c + (F32 if c != F32 else 0)) + t * F32
+    """RMSNorm (engine/models/layers.py) with its input: the input in fp32 (a bf16 input's
+    fp32 copy; the bf16 input itself is saved by nothing else), the normalised tensor in the
+    compute dtype (the weight's product), the output (the next matmul's input) and the [T, 1]
+    reciprocal."""
+    return t * h * (F32 + 2 * c) + t * F32
 
 
 def attention_bytes(cfg: Config, t: int, c: int) -> dict[str, int]:
@@ -128,9 +130,10 @@ def attention_bytes(cfg: Config, t: int, c: int) -> dict[str, int]:
     nq, nkv = m.num_heads, m.num_kv_heads
     kv = max(nkv, sp) if sp > 1 else nkv   # KV heads repeated to one per SP rank
     unit = t * d * c
-    qk_norm = (nq + nkv) * (_norm(t, d, c) - t * d * c) if m.qk_norm else 0  # output replaces the projection
+    # QK-norm: the projection in fp32 and the normalised tensor (RoPE saves only cos / sin)
+    qk_norm = (nq + nkv) * (t * d * (F32 + c) + t * F32) if m.qk_norm else 0
     return {
-        "input + norm": t * m.hidden_size * c + _norm(t, m.hidden_size, c),
+        "input + norm": _norm(t, m.hidden_size, c),
         # RoPE saves nothing of its own (cos / sin need no gradient); the kernel saves q, k, v
         # (the KV heads repeated to one per SP rank under Ulysses), its output and the log-sum-exp
         "q, k, v": unit * (nq + 2 * kv) + qk_norm,
@@ -161,7 +164,7 @@ def mask_bytes(cfg: Config, micro: int, c: int) -> int:
 
 def mlp_bytes(cfg: Config, t: int, c: int) -> dict[str, int]:
     m = cfg.model
-    return {"input + norm": t * m.hidden_size * c + _norm(t, m.hidden_size, c), "SwiGLU (gate, SiLU, up, product)": 4 * t * m.intermediate_size * c}
+    return {"input + norm": _norm(t, m.hidden_size, c), "SwiGLU (gate, SiLU, up, product)": 4 * t * m.intermediate_size * c}
 
 
 def moe_bytes(cfg: Config, t: int, c: int, worst: bool = False) -> dict[str, int]:
@@ -172,7 +175,7 @@ def moe_bytes(cfg: Config, t: int, c: int, worst: bool = False) -> dict[str, int
     rows = t * k * (ep if worst else 1)
     sp_copies = 2 if cfg.parallel.sp_size > 1 else 0  # padding kept out of the router's statistics
     terms = {
-        "input + norm": t * h * c + _norm(t, h, c),
+        "input + norm": _norm(t, h, c),
         "router (fp32 logits, probabilities, top-k)": t * e * F32 * (2 + sp_copies) + t * k * (8 + 2 * F32),
         "expert rows in, gate_up, SiLU, product": rows * (h + 4 * i) * c,
         "expert rows back (weighted sum)": t * k * h * c,
@@ -359,7 +362,7 @@ def activation_plan(model: nn.Module, cfg: Config, micro: int, payload_tokens: d
     rope = 2 * t * (m.head_dim or h // m.num_heads) * c * (3 if m.mrope_section else 1)
     loss_saved, loss_transient, loss_note = loss_bytes(cfg, text, c)
     head = {
-        "final norm": t * h * c + _norm(t, h, c) + (text * h * c if omni and loss_note == "plain" else 0),
+        "final norm": _norm(t, h, c) + (text * h * c if omni and loss_note == "plain" else 0),
         f"LM loss ({loss_note}): kept for backward": loss_saved,
         "decoder inputs and heads": sum(dec_bytes.values()),
         "RoPE cos/sin": rope,
