@@ -39,7 +39,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 from benchmarks.common import ROOT, command, fmt, machine, save_report, table
 from benchmarks.live_bytes import LiveBytes
 from engine.comm import DistContext
-from engine.config import load_config, validate
+from engine.config import load_config
+from engine.config_validation import validate
 from engine.modalities import call_part
 from engine.parallel.activation_memory import ActivationOffload, apply_activation_offload
 from engine.training.trainer import Trainer

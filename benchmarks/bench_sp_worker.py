@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from benchmarks.live_bytes import LiveBytes
 from engine.comm import STATS, init_distributed, shutdown
-from engine.config import Config, validate
+from engine.config import Config
+from engine.config_validation import validate
 from engine.data.packing import micro_batches
 from engine.training.trainer import Trainer, token_loss_sum
 

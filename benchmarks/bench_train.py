@@ -38,9 +38,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import ROOT, command, machine, peak_rss_mib, save_report
+from benchmarks.common import ROOT, machine, peak_rss_mib, save_report
 from benchmarks.common import load_average as load_averages
-from engine.config import Config, expand_path, resolve_layout, validate
+from engine.config import Config, expand_path, resolve_layout
+from engine.config_validation import validate
 from engine.data import build_text_dataset
 from engine.data.packing import micro_batches
 from engine.models import build_backbone

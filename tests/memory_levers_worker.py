@@ -16,7 +16,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from engine.comm import init_distributed, shutdown
-from engine.config import load_config, validate
+from engine.config import load_config
+from engine.config_validation import validate
 from engine.parallel import activation_memory, plan
 from engine.training.trainer import Trainer
 

@@ -19,7 +19,8 @@ pytest.importorskip("torchao", reason="torchao is not installed (pip install -e 
 from torchao.float8 import Float8LinearConfig, convert_to_float8_training  # noqa: E402
 from torchao.float8.float8_linear import Float8Linear  # noqa: E402
 
-from engine.config import Config, ConfigError, ModelConfig, validate  # noqa: E402
+from engine.config import Config, ConfigError, ModelConfig  # noqa: E402
+from engine.config_validation import validate  # noqa: E402
 from engine.models import build_backbone  # noqa: E402
 from engine.parallel.float8 import apply_float8, high_precision  # noqa: E402
 from launch import ROOT, TINY, losses, train  # noqa: E402

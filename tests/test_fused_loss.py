@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.batch import IGNORE_INDEX, Batch
-from engine.config import Config, ConfigError, ModelConfig, validate
+from engine.config import Config, ConfigError, ModelConfig
+from engine.config_validation import validate
 from engine.models import build_backbone
 from engine.modalities.image_vq import ImageVQDecoder
 from engine.ops import fused_loss

@@ -31,7 +31,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmarks.bench_activation_memory import SimulatedHostOffload
 from benchmarks.live_bytes import LiveBytes
 from engine.comm import DistContext, all_reduce_autograd, all_to_all, all_to_all_single, start_all_to_all
-from engine.config import ConfigError, load_config, validate
+from engine.config import ConfigError, load_config
+from engine.config_validation import validate
 from engine.ops import moe as moe_ops
 from engine.parallel import activation_memory
 from engine.parallel.activation_memory import apply_activation_offload, apply_part_checkpointing, selective_contexts

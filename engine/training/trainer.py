@@ -38,7 +38,8 @@ from engine.batch import Batch
 from engine.checkpoint import CheckpointManager
 from engine.checkpoint.weights import compose_from_init_from, initial_weights_
 from engine.comm import STATS, DistContext, all_reduce, init_distributed, shutdown
-from engine.config import Config, ConfigError, ensure_dir, expand_path, resolve_layout
+from engine.config import Config, ConfigError, expand_path, resolve_layout
+from engine.config_validation import ensure_dir
 from engine.data.sources import build_eval_data, build_train_data, prepare_data
 from engine.data.workers import BackgroundData
 from engine.models import build_model
