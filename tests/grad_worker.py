@@ -11,11 +11,11 @@ import gc
 import sys
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from engine.comm import all_reduce, init_distributed, shutdown
 from engine.config import load_config, parse_overrides
 from engine.training.trainer import Trainer
+from gradients import full_gradients
 
 out_path, argv = sys.argv[1], sys.argv[2:]
 torch.set_num_threads(1)
@@ -26,18 +26,7 @@ sums, counts = trainer.forward_backward()
 totals = torch.stack([sums[k] for k in sums])
 all_reduce(totals, axis="world")
 step_losses = {k: t / counts[k] if k in counts else t for k, t in zip(sums, totals.tolist()) if counts.get(k, 1)}
-grads = {}
-for mod_name, module in trainer.model.named_modules():
-    for pname, p in module.named_parameters(recurse=False):
-        if p.grad is None:  # frozen
-            continue
-        g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-        if getattr(module, "global_rows", None):  # EP: gather every rank's experts
-            parts = [torch.empty_like(g) for _ in range(trainer.dims.ep)]
-            torch.distributed.all_gather(parts, g.contiguous(), group=trainer.meshes.ep.get_group())
-            g = torch.cat(parts)
-        name = f"{mod_name}.{pname}".replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-        grads[name] = g.detach().clone()
+grads = full_gradients(trainer)
 if ctx.is_main:
     torch.save(grads, out_path)
     torch.save(step_losses, out_path + ".losses")

@@ -13,29 +13,13 @@ import json
 import sys
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from engine.comm import init_distributed, shutdown
 from engine.config import load_config
 from engine.config_validation import validate
 from engine.parallel import activation_memory, plan
 from engine.training.trainer import Trainer
-
-
-def full_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
-    grads = {}
-    for mod_name, module in trainer.model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if p.grad is None:
-                continue
-            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-            if getattr(module, "global_rows", None):  # EP: gather every rank's experts
-                parts = [torch.empty_like(g) for _ in range(trainer.dims.ep)]
-                torch.distributed.all_gather(parts, g.contiguous(), group=trainer.meshes.ep.get_group())
-                g = torch.cat(parts)
-            name = f"{mod_name}.{pname}".replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-            grads[name] = g.detach().clone()
-    return grads
+from gradients import full_gradients
 
 
 def run_case(case: dict, ctx) -> dict:

@@ -113,21 +113,32 @@ def eager_attention(q, k, v, meta: AttentionMeta) -> torch.Tensor:
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
 
-def make_flash_attention(dtype: torch.dtype) -> AttentionFn:
-    """flash-attn's varlen kernel (the flash-attn package): packed documents without an S x S mask."""
+def _packed_flash(kernel, dtype: torch.dtype) -> AttentionFn:
+    """An AttentionFn over a varlen flash `kernel(q, k, v [T, H, D], cu_seqlens, max_len)`:
+    the packed rows flattened into documents (no S x S mask, no padding), computed in `dtype`,
+    answered in v's dtype."""
 
-    def flash_attention(q, k, v, meta: AttentionMeta) -> torch.Tensor:
-        from flash_attn import flash_attn_varlen_func  # GPU-only; imported lazily
-
+    def attention(q, k, v, meta: AttentionMeta) -> torch.Tensor:
         b, h, s, d = q.shape
         out_dtype = v.dtype
         q, k, v = _half(q, k, v, dtype)
         cu, max_len = _rows_as_documents(meta, b, s, q.device).varlen()
         flat = lambda t: t.transpose(1, 2).reshape(b * s, t.shape[1], d)  # noqa: E731
-        out = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, max_len, max_len, causal=True)
+        out = kernel(flat(q), flat(k), flat(v), cu, max_len)
         return out.reshape(b, s, h, d).transpose(1, 2).to(out_dtype)
 
-    return flash_attention
+    return attention
+
+
+def _flash_attn_kernel(q, k, v, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func  # GPU-only; imported lazily
+
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+
+
+def make_flash_attention(dtype: torch.dtype) -> AttentionFn:
+    """flash-attn's varlen kernel (the flash-attn package)."""
+    return _packed_flash(_flash_attn_kernel, dtype)
 
 
 def _half(q, k, v, dtype: torch.dtype):
@@ -164,18 +175,8 @@ def varlen_call(q, k, v, cu: torch.Tensor, max_len: int, causal: bool) -> torch.
 
 
 def make_varlen_attention(dtype: torch.dtype) -> AttentionFn:
-    """Packed documents through torch's varlen flash kernel: no S x S mask, no padding."""
-
-    def varlen_attention(q, k, v, meta: AttentionMeta) -> torch.Tensor:
-        b, h, s, d = q.shape
-        out_dtype = v.dtype
-        q, k, v = _half(q, k, v, dtype)
-        cu, max_len = _rows_as_documents(meta, b, s, q.device).varlen()
-        flat = lambda t: t.transpose(1, 2).reshape(b * s, t.shape[1], d)  # noqa: E731
-        out = varlen_call(flat(q), flat(k), flat(v), cu, max_len, causal=True)
-        return out.reshape(b, s, h, d).transpose(1, 2).to(out_dtype)
-
-    return varlen_attention
+    """torch's own varlen flash kernel (`torch.nn.attention.varlen`)."""
+    return _packed_flash(lambda q, k, v, cu, max_len: varlen_call(q, k, v, cu, max_len, causal=True), dtype)
 
 
 def make_vision_varlen_attention(dtype: torch.dtype):
